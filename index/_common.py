@@ -1,0 +1,179 @@
+"""Backend-neutral helpers shared by the edge and server backends: names, records, payloads, filters."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from .base import (
+    BOOL_FIELDS,
+    FLOAT_FIELDS,
+    KEYWORD_FIELDS,
+    PRODUCT_ID_KEY,
+    Filters,
+    Record,
+    SchemaMismatchError,
+    VectorSpace,
+    check_vectors,
+    point_id,
+)
+
+# Collection and alias names become folder and file names in the embedded backend, so both backends
+# accept only this conservative set (no path separators, no leading dot).
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]{0,127}$")
+
+# Points per write request: bounds request size for a remote server (default limit 32 MiB) and
+# the Python-side memory of one batch.
+WRITE_BATCH = 512
+
+
+def check_name(kind: str, name: str) -> str:
+    """Reject collection/alias names that are not safe as a file name."""
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise ValueError(
+            f"invalid {kind} name {name!r}: use letters, digits, '_', '-', '.', not starting with '.', "
+            "at most 128 characters"
+        )
+    return name
+
+
+def check_spaces_def(spaces: Sequence[VectorSpace]) -> dict[str, VectorSpace]:
+    """Validate the vector spaces of a new collection; returns them by name."""
+    if not spaces:
+        raise ValueError("a collection needs at least one vector space")
+    by_name: dict[str, VectorSpace] = {}
+    for space in spaces:
+        if not isinstance(space, VectorSpace):
+            raise TypeError(f"expected VectorSpace, got {type(space).__name__}")
+        if space.name in by_name:
+            raise ValueError(f"vector space {space.name!r} is given twice")
+        if not space.name or int(space.dim) < 1 or not space.encoder:
+            raise ValueError(f"vector space needs a name, dim >= 1 and an encoder, got {space!r}")
+        by_name[space.name] = space
+    return by_name
+
+
+def spaces_to_json(spaces: dict[str, VectorSpace]) -> list[dict]:
+    return [{"name": s.name, "dim": int(s.dim), "encoder": s.encoder} for s in spaces.values()]
+
+
+def spaces_from_json(items: list[dict]) -> dict[str, VectorSpace]:
+    return {d["name"]: VectorSpace(name=d["name"], dim=int(d["dim"]), encoder=d["encoder"]) for d in items}
+
+
+def plain(value: object) -> object:
+    """JSON-plain copy of a payload value: numpy scalars/arrays become Python numbers/lists."""
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+@dataclass
+class PreparedPoint:
+    """One validated point, ready for either backend."""
+
+    point_id: str
+    vectors: dict[str, np.ndarray]  # space -> (dim,) float32, validated
+
+    def vector_lists(self) -> dict[str, list[float]]:
+        # Converted per write batch, not up front: 100k x 256 as Python floats would be ~800 MB.
+        return {space: row.tolist() for space, row in self.vectors.items()}
+
+    payload: dict  # includes PRODUCT_ID_KEY
+
+
+def prepare_records(
+    collection: str, spaces: dict[str, VectorSpace], records: Sequence[Record]
+) -> list[PreparedPoint]:
+    """Validate every record before anything is written (a bad row must not leave half a batch)."""
+    rows_by_space: dict[str, list[np.ndarray]] = {}
+    owners_by_space: dict[str, list[int]] = {}
+    points: list[PreparedPoint] = []
+    for i, rec in enumerate(records):
+        if not isinstance(rec.product_id, str) or not rec.product_id:
+            raise ValueError(f"record {i}: product_id must be a non-empty string, got {rec.product_id!r}")
+        if not rec.vectors:
+            raise ValueError(f"record {rec.product_id!r} has no vectors")
+        payload = plain(dict(rec.payload))
+        given_id = payload.get(PRODUCT_ID_KEY, rec.product_id)
+        if given_id != rec.product_id:
+            raise ValueError(
+                f"record {rec.product_id!r}: payload[{PRODUCT_ID_KEY!r}]={given_id!r} "
+                "disagrees with product_id"
+            )
+        payload[PRODUCT_ID_KEY] = rec.product_id
+        for space, vec in rec.vectors.items():
+            vec = np.asarray(vec)
+            if vec.ndim != 1:
+                raise SchemaMismatchError(
+                    f"record {rec.product_id!r}: vector for space {space!r} must be 1-d (dim,), "
+                    f"got shape {vec.shape}"
+                )
+            if space not in spaces:
+                check_vectors(collection, spaces, space, vec)  # raises: unknown space, listing the known ones
+            if vec.shape[0] != spaces[space].dim:
+                # Caught here, per row, so the message can name the product.
+                raise SchemaMismatchError(
+                    f"record {rec.product_id!r}: vector space {space!r} of collection {collection!r} "
+                    f"expects dim={spaces[space].dim} (encoder {spaces[space].encoder!r}), "
+                    f"but dim={vec.shape[0]} was given"
+                )
+            rows_by_space.setdefault(space, []).append(vec)
+            owners_by_space.setdefault(space, []).append(i)
+        points.append(PreparedPoint(point_id(rec.product_id), {}, payload))
+    # One vectorized check per space instead of one per row: 100k-row ingests stay cheap.
+    for space, rows in rows_by_space.items():
+        matrix = check_vectors(collection, spaces, space, np.stack(rows))  # (n_space, dim)
+        for owner, row in zip(owners_by_space[space], matrix, strict=True):
+            points[owner].vectors[space] = row
+    return points
+
+
+def check_query(
+    collection: str, spaces: dict[str, VectorSpace], space: str, vectors: object, k: int
+) -> np.ndarray:
+    """Validate a search: the vectors as float32 (n, dim), and k."""
+    if int(k) < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    return check_vectors(collection, spaces, space, vectors)
+
+
+def keyword_values(filters: Filters) -> list[tuple[str, list[str]]]:
+    """The keyword filters that are set, as (field, allowed values); a bare string counts as one value."""
+    out = []
+    for key in KEYWORD_FIELDS:
+        wanted = getattr(filters, key)
+        if isinstance(wanted, str):
+            wanted = (wanted,)
+        if wanted:
+            out.append((key, [str(v) for v in wanted]))
+    return out
+
+
+def hit_payload(payload: dict | None) -> tuple[str | None, dict]:
+    """Split a stored payload into (product id, payload without the id key)."""
+    payload = dict(payload or {})
+    return payload.pop(PRODUCT_ID_KEY, None), payload
+
+
+def check_payload_fields(fields: dict) -> dict:
+    if PRODUCT_ID_KEY in fields:
+        raise ValueError(f"{PRODUCT_ID_KEY!r} is the point's identity and cannot be changed by set_payload")
+    return plain(dict(fields))
+
+
+# Re-exported for backends that build payload indexes.
+INDEXED_FIELDS = (
+    [(f, "keyword") for f in KEYWORD_FIELDS]
+    + [(f, "float") for f in FLOAT_FIELDS]
+    + [(f, "bool") for f in BOOL_FIELDS]
+)

