@@ -14,6 +14,7 @@ from .base import (
     KEYWORD_FIELDS,
     PRODUCT_ID_KEY,
     Filters,
+    InvalidVectorError,
     Record,
     SchemaMismatchError,
     VectorSpace,
@@ -83,12 +84,11 @@ class PreparedPoint:
 
     point_id: str
     vectors: dict[str, np.ndarray]  # space -> (dim,) float32, validated
+    payload: dict  # includes PRODUCT_ID_KEY
 
     def vector_lists(self) -> dict[str, list[float]]:
         # Converted per write batch, not up front: 100k x 256 as Python floats would be ~800 MB.
         return {space: row.tolist() for space, row in self.vectors.items()}
-
-    payload: dict  # includes PRODUCT_ID_KEY
 
 
 def prepare_records(
@@ -127,12 +127,19 @@ def prepare_records(
                     f"expects dim={spaces[space].dim} (encoder {spaces[space].encoder!r}), "
                     f"but dim={vec.shape[0]} was given"
                 )
+            if vec.dtype.kind != "f":
+                # Checked per row: stacking with float rows would silently upcast it.
+                raise InvalidVectorError(
+                    f"record {rec.product_id!r}: vector space {space!r} of collection {collection!r} "
+                    f"takes float vectors, got dtype {vec.dtype}"
+                )
             rows_by_space.setdefault(space, []).append(vec)
             owners_by_space.setdefault(space, []).append(i)
         points.append(PreparedPoint(point_id(rec.product_id), {}, payload))
     # One vectorized check per space instead of one per row: 100k-row ingests stay cheap.
     for space, rows in rows_by_space.items():
-        matrix = check_vectors(collection, spaces, space, np.stack(rows))  # (n_space, dim)
+        names = [records[owner].product_id for owner in owners_by_space[space]]
+        matrix = check_vectors(collection, spaces, space, np.stack(rows), row_names=names)  # (n_space, dim)
         for owner, row in zip(owners_by_space[space], matrix, strict=True):
             points[owner].vectors[space] = row
     return points

@@ -126,12 +126,18 @@ class Hit:
     payload: dict
 
 
-def check_vectors(collection: str, spaces: dict[str, VectorSpace], space: str, vectors: object) -> np.ndarray:
+def check_vectors(
+    collection: str,
+    spaces: dict[str, VectorSpace],
+    space: str,
+    vectors: object,
+    row_names: Sequence[str] | None = None,
+) -> np.ndarray:
     """Validate vectors for one named space at the index door; returns them as float32 (n, dim).
 
     `vectors` is one row (dim,) or a matrix (n, dim). Unknown space or wrong dimension raise
     SchemaMismatchError naming the space, the expected and the given dim; bad values raise
-    InvalidVectorError (a ValueError).
+    InvalidVectorError (a ValueError) naming the row, or its entry in `row_names` (product ids).
     """
     have = spaces.get(space)
     if have is None:
@@ -152,19 +158,24 @@ def check_vectors(collection: str, spaces: dict[str, VectorSpace], space: str, v
             f"vector space {space!r} of collection {collection!r} takes float vectors, got dtype {arr.dtype}"
         )
     arr = np.ascontiguousarray(arr, dtype=np.float32)
+
+    def which(row: int) -> str:
+        return f"product {row_names[row]!r}" if row_names is not None else f"row {row}"
+
     finite = np.isfinite(arr).all(axis=1)
     if not finite.all():
         row = int(np.flatnonzero(~finite)[0])
         raise InvalidVectorError(
-            f"vector space {space!r} of collection {collection!r}: row {row} has NaN or inf values"
+            f"vector space {space!r} of collection {collection!r}: {which(row)} has NaN or inf values"
         )
     norms = np.linalg.norm(arr, axis=1)  # (n,)
     off = np.abs(norms - 1.0) > UNIT_NORM_TOL
     if off.any():
         row = int(np.flatnonzero(off)[0])
         raise InvalidVectorError(
-            f"vector space {space!r} of collection {collection!r}: row {row} has L2 norm {norms[row]:.6f}, "
-            f"but rows must be unit norm (|norm - 1| <= {UNIT_NORM_TOL}); normalize in the encoder"
+            f"vector space {space!r} of collection {collection!r}: {which(row)} has L2 norm "
+            f"{norms[row]:.6f}, but rows must be unit norm (|norm - 1| <= {UNIT_NORM_TOL}); "
+            "normalize in the encoder"
         )
     return arr
 

@@ -355,8 +355,11 @@ def test_upsert_unknown_space(index: VectorIndex) -> None:
     ],
 )
 def test_upsert_and_search_reject_bad_values(index: VectorIndex, vector: np.ndarray, message: str) -> None:
-    with pytest.raises(InvalidVectorError, match=message):
-        index.upsert([Record("x", {"image": vector})])
+    with pytest.raises(InvalidVectorError, match=message) as err:
+        index.upsert([CATALOG.records([0])[0], Record("bad-ü", {"image": vector})])
+    assert "'image'" in str(err.value)
+    if message != "float":
+        assert "'bad-ü'" in str(err.value)  # names the product, not a row number
     with pytest.raises(ValueError, match=message):  # InvalidVectorError is a ValueError
         index.search("image", vector)
     assert index.count() == N_POINTS

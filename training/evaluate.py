@@ -113,8 +113,10 @@ def evaluate_vectors(
     for mode, vectors in spaces.items():
         result["similar_p10_articleType"][mode] = similar_precision(vectors, article)
         result["similar_p10_subCategory"][mode] = similar_precision(vectors, sub)
-        if vectors.shape[1] == title_queries.shape[1]:  # cross-modal queries only in the shared space
-            result["title_to_image_r10"][mode] = recall_at_k(title_queries[heldout], vectors[heldout])
+        if vectors.shape[1] == title_queries.shape[1]:  # text queries only reach the shared space
+            if mode == "image":
+                # Only photos make this cross-modal: text and fused vectors contain the title itself.
+                result["title_to_image_r10"][mode] = recall_at_k(title_queries[heldout], vectors[heldout])
             if query_vecs is not None:
                 result["attribute_query_p10"][mode] = attribute_precision(
                     query_vecs, [c for _, c in queries], vectors, products
