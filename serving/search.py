@@ -10,15 +10,11 @@ from PIL import Image
 
 from encoders import get_image_encoder, get_text_encoder
 from encoders.alignment import AlignmentHeads
-from index import Filters, Hit, IndexStore
+from index import Filters, Hit, IndexStore, SchemaMismatchError, UnknownProductError
 from training.ingest import ALIAS, MANIFEST
-from training.vectors import EncoderConfig, heads_path
+from training.vectors import EncoderConfig, versioned_heads_path
 
 MODES = ("fused", "image", "text")
-
-
-class UnknownProductError(KeyError):
-    """A product id that is not in the index."""
 
 
 def check_mode(mode: str) -> str:
@@ -33,6 +29,21 @@ def check_k(k: int) -> int:
     return k
 
 
+def load_heads_for(data_dir: Path, space_encoder: str) -> AlignmentHeads:
+    """The alignment heads a collection's vectors were built with (its encoder id ends in /<version>)."""
+    version = space_encoder.rsplit("/", 1)[-1]
+    path = versioned_heads_path(data_dir, version)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"the live collection was built with alignment heads {version!r}, but {path} is missing; "
+            f"re-run `shopguide ingest --data-dir {data_dir}`"
+        )
+    heads = AlignmentHeads.load(path)
+    if heads.version != version:
+        raise SchemaMismatchError(f"{path} holds heads {heads.version!r}, the collection needs {version!r}")
+    return heads
+
+
 class ProductSearch:
     """Owns the live collection (through the alias) and the encoders needed to turn queries into vectors."""
 
@@ -44,8 +55,8 @@ class ProductSearch:
             )
         self.manifest = json.loads(manifest_path.read_text())
         self.encoders = EncoderConfig(**self.manifest["encoders"])
-        self.heads = AlignmentHeads.load(heads_path(data_dir))
         self.index = store.open(ALIAS)
+        self.heads = load_heads_for(data_dir, self.index.spaces["image"].encoder)
         self._text = None
         self._image = None
 

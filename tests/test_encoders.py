@@ -140,3 +140,16 @@ def test_alignment_checkpoint_round_trip(tmp_path: Path) -> None:
     _check_rows(loaded.project_images(feats), 5, 6)
     blob = torch.load(path, weights_only=True)  # plain tensors and dicts only
     assert set(blob) == {"config", "state_dict", "metrics"}
+
+
+def test_golden_vectors_catch_silent_preprocessing_changes(tmp_path: Path) -> None:
+    """Seeded inputs, recorded outputs: a change to resizing, normalization or weights shows up here.
+
+    If a change is intended, bump the encoder's version (it names the index collection) and re-record."""
+    draw_product(tmp_path / "g.jpg", (200, 40, 40), "circle", 3)
+    image = get_image_encoder("efficientnet_lite0").encode_images([Image.open(tmp_path / "g.jpg")])[0]
+    top = [468, 872, 996, 707, 400]
+    assert np.argsort(-image)[:5].tolist() == top
+    np.testing.assert_allclose(image[top], [0.23455, 0.18566, 0.18154, 0.17343, 0.15714], atol=2e-4)
+    text = get_text_encoder("minilm_l6_v2").encode_texts(["red women's handbag"])[0]
+    np.testing.assert_allclose(text[:6], [-0.06546, 0.02816, -0.0915, 0.10747, 0.02032, 0.00507], atol=2e-4)

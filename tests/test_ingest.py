@@ -148,3 +148,35 @@ def test_cli_similar_and_search_json(ingested, capsys) -> None:
 def test_cli_without_an_index_says_what_to_run(tmp_path: Path, capsys) -> None:
     assert main(["similar", "1", "--data-dir", str(tmp_path)]) == 2
     assert "shopguide ingest" in capsys.readouterr().err
+
+
+def test_queries_use_the_heads_the_live_collection_was_built_with(ingested, monkeypatch) -> None:
+    """Retraining the heads without finishing an ingest must not pair new heads with old vectors."""
+    from training.align import AlignTrainConfig
+
+    catalog, data_dir = ingested
+    # Training is seeded, so retraining with the same seed would give the very same heads.
+    monkeypatch.setattr("training.vectors.AlignTrainConfig", lambda: AlignTrainConfig(seed=1))
+    store = EdgeStore(data_dir / "index")
+    before = ProductSearch(data_dir, store)
+    query = before.text_query_vector("red handbag")
+    live_version = before.heads.version
+    before.close()
+    store.close()
+    from index.edge import EdgeIndex
+
+    def killed(self, records):
+        raise KeyboardInterrupt("simulated kill after retraining")
+
+    monkeypatch.setattr(EdgeIndex, "upsert", killed)
+    with pytest.raises(KeyboardInterrupt):
+        _ingest(catalog, data_dir, retrain_heads=True)
+    monkeypatch.undo()
+    store = EdgeStore(data_dir / "index")
+    after = ProductSearch(data_dir, store)
+    try:
+        assert after.heads.version == live_version
+        assert after.text_query_vector("red handbag") == pytest.approx(query, abs=1e-6)
+    finally:
+        after.close()
+        store.close()

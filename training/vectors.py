@@ -69,7 +69,14 @@ class Towers:
 
 
 def heads_path(data_dir: Path) -> Path:
+    """The heads the next ingest reuses (the latest trained)."""
     return data_dir / "models" / "alignment.pt"
+
+
+def versioned_heads_path(data_dir: Path, version: str) -> Path:
+    """An immutable copy per heads version: queries load the version the live collection was built with,
+    so retraining (or a killed ingest after retraining) never pairs new heads with old vectors."""
+    return data_dir / "models" / f"alignment-{version}.pt"
 
 
 def load_or_train_heads(
@@ -106,6 +113,7 @@ def load_or_train_heads(
         raw_image[train], [v[train] for v in text_views], model_config, AlignTrainConfig(), progress=progress
     )
     result.heads.save(path, result.metrics)
+    result.heads.save(path.with_name(f"alignment-{result.heads.version}.pt"), result.metrics)
     path.with_suffix(".json").write_text(
         json.dumps(
             {"config": asdict(model_config), "metrics": result.metrics, "version": result.heads.version},
