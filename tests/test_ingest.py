@@ -180,3 +180,20 @@ def test_queries_use_the_heads_the_live_collection_was_built_with(ingested, monk
     finally:
         after.close()
         store.close()
+
+
+def test_ingest_and_query_on_the_server_backend(tiny_catalog: Path, tmp_path: Path) -> None:
+    """The same ingest and queries through qdrant-client (its in-process mode stands in for a server)."""
+    from index import open_store
+
+    store = open_store(qdrant_url=":memory:")
+    try:
+        summary = run_ingest(tiny_catalog, store, tmp_path / "data", progress=False)
+        assert summary.products_total == 72 and store.get_alias(ALIAS) == summary.collection
+        again = run_ingest(tiny_catalog, store, tmp_path / "data", progress=False)
+        assert again.products_indexed == 0 and again.products_total == 72
+        search = ProductSearch(tmp_path / "data", store)
+        hits = search.similar("101", k=5, filters=Filters(articleType=("Handbags",)))
+        assert len(hits) == 5 and all(h.payload["articleType"] == "Handbags" for h in hits)
+    finally:
+        store.close()
