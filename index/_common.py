@@ -14,6 +14,7 @@ from .base import (
     KEYWORD_FIELDS,
     PRODUCT_ID_KEY,
     Filters,
+    Hit,
     InvalidVectorError,
     Record,
     SchemaMismatchError,
@@ -170,6 +171,17 @@ def hit_payload(payload: dict | None) -> tuple[str | None, dict]:
     """Split a stored payload into (product id, payload without the id key)."""
     payload = dict(payload or {})
     return payload.pop(PRODUCT_ID_KEY, None), payload
+
+
+def to_hits(points: list) -> list[Hit]:
+    """Engine result points (either library's: `.id`, `.score`, `.payload`) -> plain hits."""
+    hits = []
+    for p in points:
+        pid, payload = hit_payload(p.payload)
+        hits.append(
+            Hit(product_id=pid if pid is not None else str(p.id), score=float(p.score), payload=payload)
+        )
+    return hits
 
 
 def check_payload_fields(fields: dict) -> dict:

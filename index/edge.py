@@ -25,6 +25,7 @@ from ._common import (
     prepare_records,
     spaces_from_json,
     spaces_to_json,
+    to_hits,
 )
 from .base import (
     PRODUCT_ID_KEY,
@@ -203,16 +204,6 @@ class EdgeIndex(VectorIndex):
             params=self._params,
         )
 
-    @staticmethod
-    def _hits(points: list) -> list[Hit]:
-        hits = []
-        for p in points:
-            pid, payload = hit_payload(p.payload)
-            hits.append(
-                Hit(product_id=pid if pid is not None else str(p.id), score=float(p.score), payload=payload)
-            )
-        return hits
-
     def search(
         self,
         space: str,
@@ -224,7 +215,7 @@ class EdgeIndex(VectorIndex):
         row = check_query(self.name, self.spaces, space, vector, k)  # (1, dim)
         if row.shape[0] != 1:
             raise ValueError(f"search takes one vector, got {row.shape[0]}; use search_batch")
-        return self._hits(self.shard.query(self._request(space, row[0], k, _to_filter(filters, exclude_ids))))
+        return to_hits(self.shard.query(self._request(space, row[0], k, _to_filter(filters, exclude_ids))))
 
     def search_batch(
         self, space: str, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
@@ -233,7 +224,7 @@ class EdgeIndex(VectorIndex):
         flt = _to_filter(filters)
         # One query_batch call: the engine plans the batch as a whole and shares segment passes.
         batch = qe.QueryBatchRequest([self._request(space, row, k, flt) for row in matrix])
-        return [self._hits(points) for points in self.shard.query_batch(batch)]
+        return [to_hits(points) for points in self.shard.query_batch(batch)]
 
     def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
         unique = list(dict.fromkeys(product_ids))

@@ -21,6 +21,7 @@ from ._common import (
     prepare_records,
     spaces_from_json,
     spaces_to_json,
+    to_hits,
 )
 from .base import (
     PRODUCT_ID_KEY,
@@ -108,16 +109,6 @@ class ServerIndex(VectorIndex):
             raise UnknownProductError(f"no product {product_id!r} in collection {self.name!r}")
         self.client.set_payload(self.name, payload=fields, points=[pid], wait=True)
 
-    @staticmethod
-    def _hits(points: list) -> list[Hit]:
-        hits = []
-        for p in points:
-            pid, payload = hit_payload(p.payload)
-            hits.append(
-                Hit(product_id=pid if pid is not None else str(p.id), score=float(p.score), payload=payload)
-            )
-        return hits
-
     def search(
         self,
         space: str,
@@ -137,7 +128,7 @@ class ServerIndex(VectorIndex):
             query_filter=_to_filter(filters, exclude_ids),
             with_payload=True,
         )
-        return self._hits(response.points)
+        return to_hits(response.points)
 
     def search_batch(
         self, space: str, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
@@ -148,7 +139,7 @@ class ServerIndex(VectorIndex):
             models.QueryRequest(query=row.tolist(), using=space, filter=flt, limit=int(k), with_payload=True)
             for row in matrix
         ]
-        return [self._hits(r.points) for r in self.client.query_batch_points(self.name, requests=requests)]
+        return [to_hits(r.points) for r in self.client.query_batch_points(self.name, requests=requests)]
 
     def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
         unique = list(dict.fromkeys(product_ids))
