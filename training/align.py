@@ -66,7 +66,10 @@ def train_alignment(
     """
     n = len(image_feats)
     if n < 20:
-        raise ValueError(f"alignment needs at least 20 image-text pairs, got {n}")
+        raise ValueError(
+            f"alignment needs at least 20 image-text pairs to train on, got {n}; ingest a larger catalog "
+            "first (the heads are then reused for small ones from the same data dir)"
+        )
     if any(len(v) != n for v in text_views):
         raise ValueError("every text view must have one row per image")
     gen = torch.Generator().manual_seed(train_config.seed)
