@@ -53,6 +53,7 @@ class ImageEncoder(ABC):
 
     info: EncoderInfo
     batch_size: int = 32
+    input_size: int = 224  # square side the model reads; lets JPEG decoding skip unneeded resolution
 
     @abstractmethod
     def preprocess(self, image: Image.Image) -> torch.Tensor:

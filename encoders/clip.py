@@ -82,6 +82,7 @@ class ClipImageEncoder(ImageEncoder):
         self.clip = clip
         self.info = EncoderInfo(clip.name, clip.version, clip.dim)
         self.batch_size = batch_size
+        self.input_size = clip.image_size
 
     def preprocess(self, image: Image.Image) -> torch.Tensor:
         size = self.clip.image_size

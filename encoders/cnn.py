@@ -28,7 +28,7 @@ class CNNImageEncoder(ImageEncoder):
         # channels_last runs depthwise/pointwise convolutions faster on CPU (measured in tests/bench).
         self.trunk = trunk.eval().to(memory_format=torch.channels_last)
         self.info = info
-        self.image_size = image_size
+        self.image_size = self.input_size = image_size
         self.mean, self.std = mean, std
         self.batch_size = batch_size
 

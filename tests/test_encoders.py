@@ -153,3 +153,20 @@ def test_golden_vectors_catch_silent_preprocessing_changes(tmp_path: Path) -> No
     np.testing.assert_allclose(image[top], [0.23455, 0.18566, 0.18154, 0.17343, 0.15714], atol=2e-4)
     text = get_text_encoder("minilm_l6_v2").encode_texts(["red women's handbag"])[0]
     np.testing.assert_allclose(text[:6], [-0.06546, 0.02816, -0.0915, 0.10747, 0.02032, 0.00507], atol=2e-4)
+
+
+def test_large_jpegs_decode_at_reduced_scale_with_the_same_vector(tmp_path: Path) -> None:
+    """A 2000 px photo is decoded at 1/4 scale by libjpeg (draft) and still embeds like the full decode."""
+    from training.features import image_features
+
+    big = Image.new("RGB", (1500, 2000), (255, 255, 255))
+    draw_product(tmp_path / "small.jpg", (30, 60, 220), "circle", 0)
+    big.paste(Image.open(tmp_path / "small.jpg").resize((1500, 2000)), (0, 0))
+    big.save(tmp_path / "big.jpg", quality=90)
+    encoder = get_image_encoder("efficientnet_lite0")
+    with Image.open(tmp_path / "big.jpg") as probe:
+        probe.draft("RGB", (224, 224))
+        assert probe.size[0] < 1500  # libjpeg really scaled it down
+    drafted = image_features(encoder, [("big", tmp_path / "big.jpg")], cache=None, progress=False).vectors[0]
+    full = encoder.encode_images([Image.open(tmp_path / "big.jpg").convert("RGB")])[0]
+    assert float(drafted @ full) > 0.97
