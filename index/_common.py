@@ -18,6 +18,7 @@ from .base import (
     InvalidVectorError,
     Record,
     SchemaMismatchError,
+    UnknownProductError,
     VectorSpace,
     check_vectors,
     point_id,
@@ -92,12 +93,72 @@ class PreparedPoint:
         return {space: row.tolist() for space, row in self.vectors.items()}
 
 
+def check_new_space(collection: str, spaces: dict[str, VectorSpace], space: VectorSpace) -> bool:
+    """Validate a space to add to an existing collection; True if it is already there, identical."""
+    check_spaces_def([space])
+    have = spaces.get(space.name)
+    if have is None:
+        return False
+    if have != space:
+        raise SchemaMismatchError(
+            f"vector space {space.name!r} of collection {collection!r} already holds dim={have.dim} "
+            f"encoder={have.encoder!r}, but dim={space.dim} encoder={space.encoder!r} was given; "
+            "a space keeps its encoder for life: add it under a new name, or re-embed into a new collection"
+        )
+    return True
+
+
+def _check_named_vectors(
+    collection: str,
+    spaces: dict[str, VectorSpace],
+    items: Sequence[tuple[str, dict[str, object]]],
+    kind: str,
+) -> list[dict[str, np.ndarray]]:
+    """Validate (product id, {space: (dim,) vector}) items; returns each item's vectors as float32 rows.
+
+    `kind` ("record" or "product") only words the messages, so upsert and update_vectors keep theirs.
+    """
+    rows_by_space: dict[str, list[np.ndarray]] = {}
+    owners_by_space: dict[str, list[int]] = {}
+    for i, (product_id, vectors) in enumerate(items):
+        for space, vec in vectors.items():
+            vec = np.asarray(vec)
+            if vec.ndim != 1:
+                raise SchemaMismatchError(
+                    f"{kind} {product_id!r}: vector for space {space!r} must be 1-d (dim,), "
+                    f"got shape {vec.shape}"
+                )
+            if space not in spaces:
+                check_vectors(collection, spaces, space, vec)  # raises: unknown space, listing the known ones
+            if vec.shape[0] != spaces[space].dim:
+                # Caught here, per row, so the message can name the product.
+                raise SchemaMismatchError(
+                    f"{kind} {product_id!r}: vector space {space!r} of collection {collection!r} "
+                    f"expects dim={spaces[space].dim} (encoder {spaces[space].encoder!r}), "
+                    f"but dim={vec.shape[0]} was given"
+                )
+            if vec.dtype.kind != "f":
+                # Checked per row: stacking with float rows would silently upcast it.
+                raise InvalidVectorError(
+                    f"{kind} {product_id!r}: vector space {space!r} of collection {collection!r} "
+                    f"takes float vectors, got dtype {vec.dtype}"
+                )
+            rows_by_space.setdefault(space, []).append(vec)
+            owners_by_space.setdefault(space, []).append(i)
+    checked: list[dict[str, np.ndarray]] = [{} for _ in items]
+    # One vectorized check per space instead of one per row: 100k-row ingests stay cheap.
+    for space, rows in rows_by_space.items():
+        names = [items[owner][0] for owner in owners_by_space[space]]
+        matrix = check_vectors(collection, spaces, space, np.stack(rows), row_names=names)  # (n_space, dim)
+        for owner, row in zip(owners_by_space[space], matrix, strict=True):
+            checked[owner][space] = row
+    return checked
+
+
 def prepare_records(
     collection: str, spaces: dict[str, VectorSpace], records: Sequence[Record]
 ) -> list[PreparedPoint]:
     """Validate every record before anything is written (a bad row must not leave half a batch)."""
-    rows_by_space: dict[str, list[np.ndarray]] = {}
-    owners_by_space: dict[str, list[int]] = {}
     points: list[PreparedPoint] = []
     for i, rec in enumerate(records):
         if not isinstance(rec.product_id, str) or not rec.product_id:
@@ -112,38 +173,56 @@ def prepare_records(
                 "disagrees with product_id"
             )
         payload[PRODUCT_ID_KEY] = rec.product_id
-        for space, vec in rec.vectors.items():
-            vec = np.asarray(vec)
-            if vec.ndim != 1:
-                raise SchemaMismatchError(
-                    f"record {rec.product_id!r}: vector for space {space!r} must be 1-d (dim,), "
-                    f"got shape {vec.shape}"
-                )
-            if space not in spaces:
-                check_vectors(collection, spaces, space, vec)  # raises: unknown space, listing the known ones
-            if vec.shape[0] != spaces[space].dim:
-                # Caught here, per row, so the message can name the product.
-                raise SchemaMismatchError(
-                    f"record {rec.product_id!r}: vector space {space!r} of collection {collection!r} "
-                    f"expects dim={spaces[space].dim} (encoder {spaces[space].encoder!r}), "
-                    f"but dim={vec.shape[0]} was given"
-                )
-            if vec.dtype.kind != "f":
-                # Checked per row: stacking with float rows would silently upcast it.
-                raise InvalidVectorError(
-                    f"record {rec.product_id!r}: vector space {space!r} of collection {collection!r} "
-                    f"takes float vectors, got dtype {vec.dtype}"
-                )
-            rows_by_space.setdefault(space, []).append(vec)
-            owners_by_space.setdefault(space, []).append(i)
         points.append(PreparedPoint(point_id(rec.product_id), {}, payload))
-    # One vectorized check per space instead of one per row: 100k-row ingests stay cheap.
-    for space, rows in rows_by_space.items():
-        names = [records[owner].product_id for owner in owners_by_space[space]]
-        matrix = check_vectors(collection, spaces, space, np.stack(rows), row_names=names)  # (n_space, dim)
-        for owner, row in zip(owners_by_space[space], matrix, strict=True):
-            points[owner].vectors[space] = row
+    items = [(rec.product_id, rec.vectors) for rec in records]
+    for point, vectors in zip(points, _check_named_vectors(collection, spaces, items, "record"), strict=True):
+        point.vectors = vectors
     return points
+
+
+@dataclass
+class VectorUpdate:
+    """One validated update_vectors entry: the point, its product id and the named vectors to set."""
+
+    point_id: str
+    product_id: str
+    vectors: dict[str, np.ndarray]  # space -> (dim,) float32, validated
+
+    def vector_lists(self) -> dict[str, list[float]]:
+        return {space: row.tolist() for space, row in self.vectors.items()}
+
+
+def prepare_vector_updates(
+    collection: str, spaces: dict[str, VectorSpace], vectors: dict[str, dict[str, np.ndarray]]
+) -> list[VectorUpdate]:
+    """Validate product id -> {space: (dim,) vector} before anything is written, like upsert."""
+    if not isinstance(vectors, dict):
+        raise TypeError(
+            f"update_vectors takes a dict product id -> {{space: vector}}, got {type(vectors).__name__}"
+        )
+    for product_id, named in vectors.items():
+        if not isinstance(product_id, str) or not product_id:
+            raise ValueError(f"update_vectors: product ids must be non-empty strings, got {product_id!r}")
+        if not isinstance(named, dict) or not named:
+            raise ValueError(
+                f"update_vectors: product {product_id!r} needs a non-empty dict space -> vector, "
+                f"got {'an empty dict' if isinstance(named, dict) else type(named).__name__}"
+            )
+    items = list(vectors.items())
+    checked = _check_named_vectors(collection, spaces, items, "product")
+    return [
+        VectorUpdate(point_id(product_id), product_id, rows)
+        for (product_id, _), rows in zip(items, checked, strict=True)
+    ]
+
+
+def unknown_products_error(collection: str, missing: Sequence[str]) -> UnknownProductError:
+    """The error for update_vectors on product ids that have no point."""
+    more = f" ({len(missing)} unknown ids, first ones {list(missing[:5])})" if len(missing) > 1 else ""
+    return UnknownProductError(
+        f"no product {missing[0]!r} in collection {collection!r}{more}; nothing was written. "
+        "update_vectors only adds vectors to existing points: upsert new products first"
+    )
 
 
 def check_query(

@@ -199,6 +199,24 @@ class VectorIndex(ABC):
         """Payload-only update (e.g. price, in_stock) that leaves vectors untouched."""
 
     @abstractmethod
+    def add_space(self, space: VectorSpace) -> None:
+        """Add a dense named vector (cosine) to this existing collection and store it in its space metadata.
+
+        Existing points keep their vectors and payloads and have no vector in the new space until
+        update_vectors gives them one; searches there see only points that have one. Adding a space
+        that is already there with the same dim and encoder is a no-op; with another dim or encoder
+        it raises SchemaMismatchError naming both.
+        """
+
+    @abstractmethod
+    def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
+        """Set named vectors on existing points: product id -> {space: (dim,) vector}.
+
+        Other vectors and the payload stay as they are. Validated like upsert before anything is
+        written; a product id with no point raises UnknownProductError naming it, and nothing is written.
+        """
+
+    @abstractmethod
     def search(
         self,
         space: str,
@@ -217,7 +235,10 @@ class VectorIndex(ABC):
 
     @abstractmethod
     def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
-        """The stored points for these ids (missing ids are left out), in the order asked."""
+        """The stored points for these ids (missing ids are left out), in the order asked.
+
+        With vectors, each record holds only the spaces the point has a vector in.
+        """
 
     @abstractmethod
     def count(self) -> int:

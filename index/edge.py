@@ -17,15 +17,18 @@ from ._common import (
     INDEXED_FIELDS,
     WRITE_BATCH,
     check_name,
+    check_new_space,
     check_payload_fields,
     check_query,
     check_spaces_def,
     hit_payload,
     keyword_values,
     prepare_records,
+    prepare_vector_updates,
     spaces_from_json,
     spaces_to_json,
     to_hits,
+    unknown_products_error,
 )
 from .base import (
     PRODUCT_ID_KEY,
@@ -37,6 +40,7 @@ from .base import (
     IndexInUseError,
     IndexStore,
     Record,
+    SchemaMismatchError,
     UnknownCollectionError,
     UnknownProductError,
     VectorIndex,
@@ -194,6 +198,47 @@ class EdgeIndex(VectorIndex):
             if "No point with id" in str(exc):
                 raise UnknownProductError(f"no product {product_id!r} in collection {self.name!r}") from exc
             raise
+
+    def add_space(self, space: VectorSpace) -> None:
+        if check_new_space(self.name, self.spaces, space):
+            return
+        try:
+            # The engine rewrites its edge_config.json at once and logs the change in the WAL.
+            self.shard.update(
+                qe.UpdateOperation.create_dense_vector(space.name, int(space.dim), qe.Distance.Cosine)
+            )
+        except Exception as exc:
+            # Only reachable when the engine has a vector spaces.json does not list (a crash between
+            # the two writes below, retried with another dim): the engine keeps the one it has.
+            if "already exists" in str(exc):
+                raise SchemaMismatchError(
+                    f"collection {self.name!r} already has an engine vector {space.name!r} that "
+                    f"{SPACES_FILE} does not list, with parameters other than dim={space.dim}; add the "
+                    f"space under a new name (engine said: {exc})"
+                ) from exc
+            raise
+        spaces = {**self.spaces, space.name: space}
+        # Engine first, spaces.json second: a crash in between leaves a vector nobody writes to, and a
+        # retry of add_space finishes the job (creating an identical engine vector is a no-op).
+        _atomic_write(self.path / SPACES_FILE, json.dumps(spaces_to_json(spaces), indent=1))
+        self.spaces = spaces
+
+    def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
+        updates = prepare_vector_updates(self.name, self.spaces, vectors)
+        # The engine writes the known points of a request before it fails on an unknown one, so
+        # the ids are checked first: an unknown product must leave nothing written.
+        missing: list[str] = []
+        for start in range(0, len(updates), WRITE_BATCH):
+            batch = updates[start : start + WRITE_BATCH]
+            found = {str(rec.id) for rec in self.shard.retrieve([u.point_id for u in batch], False, False)}
+            missing += [u.product_id for u in batch if u.point_id not in found]
+        if missing:
+            raise unknown_products_error(self.name, missing)
+        for start in range(0, len(updates), WRITE_BATCH):
+            batch = [
+                qe.PointVectors(u.point_id, u.vector_lists()) for u in updates[start : start + WRITE_BATCH]
+            ]
+            self.shard.update(qe.UpdateOperation.update_vectors(batch))
 
     def _request(self, space: str, row: np.ndarray, k: int, flt: qe.Filter | None) -> qe.QueryRequest:
         return qe.QueryRequest(

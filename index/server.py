@@ -13,15 +13,18 @@ from ._common import (
     INDEXED_FIELDS,
     WRITE_BATCH,
     check_name,
+    check_new_space,
     check_payload_fields,
     check_query,
     check_spaces_def,
     hit_payload,
     keyword_values,
     prepare_records,
+    prepare_vector_updates,
     spaces_from_json,
     spaces_to_json,
     to_hits,
+    unknown_products_error,
 )
 from .base import (
     PRODUCT_ID_KEY,
@@ -108,6 +111,43 @@ class ServerIndex(VectorIndex):
         if not self.client.retrieve(self.name, [pid], with_payload=False, with_vectors=False):
             raise UnknownProductError(f"no product {product_id!r} in collection {self.name!r}")
         self.client.set_payload(self.name, payload=fields, points=[pid], wait=True)
+
+    def add_space(self, space: VectorSpace) -> None:
+        if check_new_space(self.name, self.spaces, space):
+            return
+        config = models.DenseVectorNameConfig(
+            dense=models.DenseVectorConfig(size=int(space.dim), distance=models.Distance.COSINE)
+        )
+        # Vector first, metadata second: a failure in between leaves a vector nobody writes to, and a
+        # retry finishes the job (re-creating an identical vector is a no-op: measured in local mode).
+        self.client.create_vector_name(self.name, space.name, vector_name_config=config, wait=True)
+        spaces = {**self.spaces, space.name: space}
+        # Metadata updates merge by top-level key, so this replaces only our key's list.
+        self.client.update_collection(self.name, metadata={METADATA_KEY: spaces_to_json(spaces)})
+        self.spaces = spaces
+
+    def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
+        updates = prepare_vector_updates(self.name, self.spaces, vectors)
+        # Server and local mode both write the known points of a request before answering 404 /
+        # KeyError for an unknown one, so the ids are checked first: nothing is written then.
+        missing: list[str] = []
+        for start in range(0, len(updates), WRITE_BATCH):
+            batch = updates[start : start + WRITE_BATCH]
+            found = {
+                str(rec.id)
+                for rec in self.client.retrieve(
+                    self.name, [u.point_id for u in batch], with_payload=False, with_vectors=False
+                )
+            }
+            missing += [u.product_id for u in batch if u.point_id not in found]
+        if missing:
+            raise unknown_products_error(self.name, missing)
+        for start in range(0, len(updates), WRITE_BATCH):
+            batch = [
+                models.PointVectors(id=u.point_id, vector=u.vector_lists())
+                for u in updates[start : start + WRITE_BATCH]
+            ]
+            self.client.update_vectors(self.name, points=batch, wait=True)
 
     def search(
         self,

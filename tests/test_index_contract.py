@@ -395,6 +395,162 @@ def test_check_spaces_names_both_sides(store: IndexStore, index: VectorIndex) ->
     assert store.open_collection("products_v1").spaces == {s.name: s for s in SPACES}
 
 
+# --- a space added later (room for behavior) ------------------------------------------------
+
+BEHAVIOR = VectorSpace("behavior", 12, "beh-test/1")
+BEHAVIOR_VECTORS = unit_rows(np.random.default_rng(7), N_POINTS, BEHAVIOR.dim)  # (n, 12)
+# Only half the products get a behavior vector (even rows; they include non-ASCII ids).
+FILLED = [i for i in range(N_POINTS) if i % 2 == 0]
+FILLED_CATALOG = Catalog(
+    [CATALOG.ids[i] for i in FILLED],
+    {"behavior": BEHAVIOR_VECTORS[FILLED]},
+    [CATALOG.payloads[i] for i in FILLED],
+)
+BEHAVIOR_QUERIES = unit_rows(np.random.default_rng(8), 3, BEHAVIOR.dim)  # (3, 12)
+
+
+def behavior_updates(rows: list[int] = FILLED) -> dict[str, dict[str, np.ndarray]]:
+    return {CATALOG.ids[i]: {"behavior": BEHAVIOR_VECTORS[i]} for i in rows}
+
+
+def add_behavior(index: VectorIndex) -> None:
+    index.add_space(BEHAVIOR)
+    index.update_vectors(behavior_updates())
+
+
+def assert_records_equal(after: list[Record], before: list[Record]) -> None:
+    assert [r.product_id for r in after] == [r.product_id for r in before]
+    for a, b in zip(after, before, strict=True):
+        assert a.payload == b.payload
+        assert set(a.vectors) == set(b.vectors)
+        for space in a.vectors:
+            np.testing.assert_array_equal(a.vectors[space], b.vectors[space])
+
+
+def test_added_space_is_searched_only_where_filled(index: VectorIndex) -> None:
+    before = index.get(CATALOG.ids, with_vectors=True)
+    add_behavior(index)
+    assert index.spaces == {**{s.name: s for s in SPACES}, "behavior": BEHAVIOR}
+    assert index.count() == N_POINTS
+    filled_ids = set(FILLED_CATALOG.ids)
+    for query in BEHAVIOR_QUERIES:
+        hits = index.search("behavior", query, k=10)
+        assert_topk(hits, exact_ranking(FILLED_CATALOG, "behavior", query), 10)
+        # Asking for every point still returns only the ones that have a behavior vector.
+        everything = index.search("behavior", query, k=N_POINTS)
+        assert {h.product_id for h in everything} == filled_ids
+    flt = FILTER_CASES["combined"]
+    hits = index.search("behavior", BEHAVIOR_QUERIES[0], k=10, filters=flt)
+    assert_topk(hits, exact_ranking(FILLED_CATALOG, "behavior", BEHAVIOR_QUERIES[0], flt), 10)
+    batch = index.search_batch("behavior", BEHAVIOR_QUERIES, k=5)
+    assert [[h.product_id for h in hits] for hits in batch] == [
+        [h.product_id for h in index.search("behavior", q, k=5)] for q in BEHAVIOR_QUERIES
+    ]
+    row = FILLED[3]
+    top = index.search("behavior", BEHAVIOR_VECTORS[row], k=1)[0]
+    assert top.product_id == CATALOG.ids[row] and top.payload == CATALOG.payloads[row]
+
+    # Image/text vectors and payloads are untouched; get returns only the vectors a point has.
+    after = index.get(CATALOG.ids, with_vectors=True)
+    for a, b in zip(after, before, strict=True):
+        row = CATALOG.row(a.product_id)
+        assert a.payload == b.payload == CATALOG.payloads[row]
+        if a.product_id in filled_ids:
+            assert set(a.vectors) == {"image", "text", "behavior"}
+            np.testing.assert_allclose(a.vectors["behavior"], BEHAVIOR_VECTORS[row], atol=1e-6)
+        else:
+            assert set(a.vectors) == {"image", "text"}
+        for space in ("image", "text"):
+            np.testing.assert_array_equal(a.vectors[space], b.vectors[space])
+    # The old spaces still search every point.
+    assert_topk(
+        index.search("image", QUERIES["image"][0], k=10),
+        exact_ranking(CATALOG, "image", QUERIES["image"][0]),
+        10,
+    )
+
+
+def test_update_vectors_replaces_one_space_only(index: VectorIndex) -> None:
+    pid = CATALOG.ids[5]
+    (before,) = index.get([pid], with_vectors=True)
+    index.update_vectors({pid: {"image": CATALOG.vectors["image"][6]}})
+    (after,) = index.get([pid], with_vectors=True)
+    np.testing.assert_allclose(after.vectors["image"], CATALOG.vectors["image"][6], atol=1e-6)
+    np.testing.assert_array_equal(after.vectors["text"], before.vectors["text"])
+    assert after.payload == before.payload
+    index.update_vectors({})  # a no-op, not an error
+
+
+def test_add_space_is_idempotent_and_mismatch_names_both(store: IndexStore, index: VectorIndex) -> None:
+    add_behavior(index)
+    index.add_space(BEHAVIOR)  # identical: a no-op that keeps the vectors
+    index.add_space(SPACES[0])  # an original space, identical: also a no-op
+    assert index.spaces["behavior"] == BEHAVIOR
+    assert len(index.search("behavior", BEHAVIOR_QUERIES[0], k=N_POINTS)) == len(FILLED)
+    with pytest.raises(SchemaMismatchError, match=r"'behavior'.*dim=12.*dim=24"):
+        index.add_space(VectorSpace("behavior", 24, "beh-test/1"))
+    with pytest.raises(SchemaMismatchError) as err:
+        index.add_space(VectorSpace("behavior", 12, "beh-test/2"))
+    assert "beh-test/1" in str(err.value) and "beh-test/2" in str(err.value)
+    with pytest.raises(SchemaMismatchError, match=r"'image'.*dim=8.*dim=12"):
+        index.add_space(VectorSpace("image", 12, "img-test/1"))
+    with pytest.raises(ValueError, match="dim >= 1"):
+        index.add_space(VectorSpace("empty", 0, "x/1"))
+    assert index.spaces == {**{s.name: s for s in SPACES}, "behavior": BEHAVIOR}
+    # The stored space metadata sees it (a new handle reads it back; edge hands back the open one).
+    reopened = store.open_collection("products_v1")
+    assert reopened.spaces == index.spaces
+    reopened.check_spaces({**{s.name: s for s in SPACES}, "behavior": BEHAVIOR})
+
+
+def test_update_vectors_unknown_product_writes_nothing(
+    index: VectorIndex, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Small write batches, so the unknown id sits in a later batch than the writes it must prevent.
+    monkeypatch.setattr("index.edge.WRITE_BATCH", 16)
+    monkeypatch.setattr("index.server.WRITE_BATCH", 16)
+    index.add_space(BEHAVIOR)
+    updates = {**behavior_updates(), "ghost-ü": {"behavior": BEHAVIOR_VECTORS[1]}}
+    with pytest.raises(UnknownProductError, match="ghost-ü") as err:
+        index.update_vectors(updates)
+    assert isinstance(err.value, KeyError) and "nothing was written" in str(err.value)
+    assert index.search("behavior", BEHAVIOR_QUERIES[0], k=N_POINTS) == []
+    assert all(set(r.vectors) == {"image", "text"} for r in index.get(CATALOG.ids, with_vectors=True))
+    assert index.count() == N_POINTS and "ghost-ü" not in set(index.product_ids())
+    index.update_vectors(behavior_updates())  # batched over 16s: every filled point gets its vector
+    assert len(index.search("behavior", BEHAVIOR_QUERIES[0], k=N_POINTS)) == len(FILLED)
+
+
+def test_update_vectors_is_validated_at_the_door(index: VectorIndex) -> None:
+    pid = CATALOG.ids[0]
+    with pytest.raises(SchemaMismatchError, match=r"'behavior'.*\['image', 'text'\]"):
+        index.update_vectors({pid: {"behavior": BEHAVIOR_VECTORS[0]}})  # before add_space
+    index.add_space(BEHAVIOR)
+    good = behavior_updates([2, 4])
+    cases = [
+        (SchemaMismatchError, r"'audio'.*\['behavior', 'image', 'text'\]", {"audio": BEHAVIOR_VECTORS[0]}),
+        (
+            SchemaMismatchError,
+            r"'bad-ü'.*'behavior'.*dim=12.*dim=8",
+            {"behavior": CATALOG.vectors["image"][0]},
+        ),
+        (
+            InvalidVectorError,
+            r"'behavior'.*'bad-ü'.*NaN or inf",
+            {"behavior": np.full(12, np.nan, np.float32)},
+        ),
+        (InvalidVectorError, r"'behavior'.*'bad-ü'.*unit norm", {"behavior": np.ones(12, np.float32)}),
+        (InvalidVectorError, r"'bad-ü'.*float", {"behavior": np.eye(12, dtype=np.int64)[0]}),
+    ]
+    for error, message, bad in cases:
+        with pytest.raises(error, match=message):
+            index.update_vectors({**good, "bad-ü": bad})
+    with pytest.raises(ValueError, match="non-empty"):
+        index.update_vectors({pid: {}})
+    # Every case was refused before anything was written.
+    assert index.search("behavior", BEHAVIOR_QUERIES[0], k=N_POINTS) == []
+
+
 # --- collections and aliases ----------------------------------------------------------------
 
 
@@ -500,6 +656,64 @@ def test_edge_recovers_writes_from_wal_after_a_crash(tmp_path: Path) -> None:
         idx = store.open_collection("c1")
         assert idx.count() == 8
         assert idx.search("image", np.eye(8, dtype=np.float32)[5], k=1)[0].product_id == "p5"
+
+
+def test_edge_added_space_persists_across_close_and_reopen(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with EdgeStore(data) as store:
+        idx = store.create_collection("products_v1", SPACES)
+        idx.upsert(CATALOG.records())
+        add_behavior(idx)
+        before = [idx.search("behavior", q, k=10) for q in BEHAVIOR_QUERIES]
+        stored = idx.get(CATALOG.ids, with_vectors=True)
+    all_spaces = {**{s.name: s for s in SPACES}, "behavior": BEHAVIOR}
+    with EdgeStore(data) as store:
+        idx = store.open_collection("products_v1")
+        assert idx.spaces == all_spaces
+        idx.check_spaces(all_spaces)
+        assert [idx.search("behavior", q, k=10) for q in BEHAVIOR_QUERIES] == before
+        assert_records_equal(idx.get(CATALOG.ids, with_vectors=True), stored)
+
+
+def test_edge_added_space_survives_a_crash(tmp_path: Path) -> None:
+    data = tmp_path / "data"
+    with EdgeStore(data) as store:
+        store.create_collection("c1", SPACES[:1]).upsert(
+            [Record(f"p{i}", {"image": np.eye(8, dtype=np.float32)[i]}) for i in range(8)]
+        )
+    # add_space + update_vectors, then death without close() or flush(): spaces.json and the WAL hold it.
+    proc = _run_python(
+        f"""
+        import os, numpy as np
+        from index import EdgeStore, VectorSpace
+        idx = EdgeStore({str(data)!r}).open_collection("c1")
+        idx.add_space(VectorSpace("behavior", 4, "beh-test/1"))
+        idx.update_vectors({{"p2": {{"behavior": np.eye(4, dtype=np.float32)[1]}}}})
+        os._exit(0)
+        """
+    )
+    assert proc.returncode == 0, proc.stderr
+    with EdgeStore(data) as store:
+        idx = store.open_collection("c1")
+        idx.check_spaces({"image": SPACES[0], "behavior": VectorSpace("behavior", 4, "beh-test/1")})
+        hits = idx.search("behavior", np.eye(4, dtype=np.float32)[1], k=8)
+        assert [h.product_id for h in hits] == ["p2"]
+        assert idx.count() == 8
+
+
+def test_edge_hnsw_on_a_partly_filled_space(tmp_path: Path) -> None:
+    with EdgeStore(
+        tmp_path / "data", EdgeSettings(full_scan_threshold_kb=1, indexing_threshold_kb=1)
+    ) as store:
+        idx = store.create_collection("products_v1", SPACES)
+        idx.upsert(CATALOG.records())
+        add_behavior(idx)
+        idx.optimize()
+        assert idx.info()["indexed_vectors"] == 2 * N_POINTS + len(FILLED)
+        for row in FILLED[::10]:
+            hits = idx.search("behavior", BEHAVIOR_VECTORS[row], k=5)
+            assert hits[0].product_id == CATALOG.ids[row]
+            assert {h.product_id for h in hits} <= set(FILLED_CATALOG.ids)
 
 
 def test_edge_second_owner_in_process_is_refused(tmp_path: Path) -> None:
