@@ -32,9 +32,15 @@ demo: install
 	$(BIN)/shopguide search "blue denim jeans" --mode image --k 5 --data-dir $(DEMO_DIR)
 	$(BIN)/shopguide similar $$($(BIN)/python -c "import csv,sys; r=csv.DictReader(open('$(CATALOG)/products.csv')); print(next(r)['id'])") --k 5 --data-dir $(DEMO_DIR)
 
+SEQ_BENCH_MODEL := data/bench-seq/beauty
+
 bench: install
 	$(BIN)/python tests/bench/bench_ingest.py --catalog $(CATALOG)
 	$(BIN)/python tests/bench/bench_index.py --catalog $(CATALOG)
+	test -f $(SEQ_BENCH_MODEL)/sequence_model.pt || $(BIN)/shopguide train sequences \
+	  --dataset $(DATASETS)/amazon-sequences/Beauty.txt \
+	  --attributes $(DATASETS)/amazon-sequences/Beauty_item2attributes.json --out $(SEQ_BENCH_MODEL)
+	$(BIN)/python tests/bench/bench_sequences.py --model $(SEQ_BENCH_MODEL)
 
 lint: install
 	$(BIN)/ruff check .

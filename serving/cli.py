@@ -1,4 +1,4 @@
-"""The `shopguide` command line: ingest, similar, search, eval, bench, encoders."""
+"""The `shopguide` command line: ingest, similar, search, train, eval, bench, encoders."""
 
 from __future__ import annotations
 
@@ -184,6 +184,44 @@ def cmd_eval_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train_sequences(args: argparse.Namespace) -> int:
+    from training.sequences import load_config_file, run_train_sequences
+
+    model_config, train_config = load_config_file(args.config)
+    summary = run_train_sequences(
+        args.dataset,
+        args.out,
+        seed=args.seed,
+        attributes=args.attributes,
+        model_config=model_config,
+        train_config=train_config,
+        progress=not args.no_progress,
+    )
+    valid = summary["valid"]
+    print(
+        f"trained on {summary['users']} users, {summary['items']} items: {summary['epochs']} epochs "
+        f"({summary['stop_reason']}, best {summary['best_epoch']}), {summary['seconds_per_epoch']} s/epoch, "
+        f"{summary['seconds']} s total; validation HR@10 {valid.get('HR@10', 0):.4f} "
+        f"NDCG@10 {valid.get('NDCG@10', 0):.4f}; wrote {summary['checkpoint']}"
+    )
+    return 0
+
+
+def cmd_eval_sequences(args: argparse.Namespace) -> int:
+    from training.sequences import format_table, run_eval_sequences, write_topk_tsv
+
+    result = run_eval_sequences(args.dataset, args.model, baselines=not args.no_baselines)
+    print(format_table(result))
+    if args.topk_out:
+        write_topk_tsv(result, args.topk_out)
+        print(f"wrote {args.topk_out}")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({k: v for k, v in result.items() if k != "topk"}, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_bench_index(args: argparse.Namespace) -> int:
     from index.bench import bench_index
     from training.eval_catalog import real_vectors_for_bench
@@ -194,6 +232,22 @@ def cmd_bench_index(args: argparse.Namespace) -> int:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_simulate_sessions(args: argparse.Namespace) -> int:
+    from training.catalog import load_catalog
+    from training.events import write_events
+    from training.simulator import SimulatorConfig, simulate_sessions, summarize, write_shoppers
+
+    config = SimulatorConfig(shoppers=args.shoppers, days=args.days, seed=args.seed)
+    catalog = load_catalog(args.catalog, limit=args.limit)
+    events, shoppers = simulate_sessions(catalog.products, config)
+    count = write_events(events, args.out)
+    profiles = args.out.with_name(args.out.name + ".shoppers.json")
+    write_shoppers(shoppers, profiles)
+    print(json.dumps(summarize(events), indent=2))
+    print(f"wrote {count} events to {args.out} (latent tastes for analysis only: {profiles})")
     return 0
 
 
@@ -240,6 +294,21 @@ def build_parser() -> argparse.ArgumentParser:
     _add_filters(p)
     p.set_defaults(func=cmd_search)
 
+    p = sub.add_parser("train", help="train models")
+    train_sub = p.add_subparsers(dest="what", required=True)
+    t = train_sub.add_parser("sequences", help="GRU user encoder on `user item item ...` sequences")
+    t.add_argument(
+        "--dataset", type=Path, required=True, help="e.g. ../shared/datasets/amazon-sequences/Beauty.txt"
+    )
+    t.add_argument("--out", type=Path, required=True, help="folder for sequence_model.pt")
+    t.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
+    t.add_argument("--attributes", type=Path, help="item side information, {item_id: [attribute ids]} JSON")
+    t.add_argument("--config", type=Path, help="YAML with `model:` and `train:` sections overriding defaults")
+    t.add_argument(
+        "--no-progress", action="store_true", help="no progress bars (one line per epoch still prints)"
+    )
+    t.set_defaults(func=cmd_train_sequences)
+
     p = sub.add_parser("eval", help="offline evaluation")
     eval_sub = p.add_subparsers(dest="what", required=True)
     e = eval_sub.add_parser("catalog", help="similar-item, cross-modal and attribute-query quality")
@@ -250,6 +319,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.set_defaults(func=cmd_eval_catalog)
+    e = eval_sub.add_parser("sequences", help="leave-one-out HR/NDCG@5/10/20 vs baselines and published")
+    e.add_argument("--dataset", type=Path, required=True)
+    e.add_argument("--model", type=Path, required=True, help="folder written by `train sequences`")
+    e.add_argument("--json", type=Path, help="write the metrics here")
+    e.add_argument("--topk-out", type=Path, help="TSV: user_id then the 20 top-ranked item ids per test user")
+    e.add_argument("--no-baselines", action="store_true", help="skip popularity, item-CF and user-CF")
+    e.set_defaults(func=cmd_eval_sequences)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="what", required=True)
@@ -262,6 +338,17 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--no-real", action="store_true", help="skip the recall check on real catalog vectors")
     b.add_argument("--json", type=Path)
     b.set_defaults(func=cmd_bench_index)
+
+    p = sub.add_parser("simulate", help="simulated shoppers")
+    sim_sub = p.add_subparsers(dest="what", required=True)
+    m = sim_sub.add_parser("sessions", help="seeded shoppers browse, search and buy; events as JSON lines")
+    m.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    m.add_argument("--limit", type=int, help="only the first N usable products")
+    m.add_argument("--shoppers", type=int, default=1000)
+    m.add_argument("--days", type=int, default=30)
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--out", type=Path, required=True, help="events file (JSON lines)")
+    m.set_defaults(func=cmd_simulate_sessions)
 
     p = sub.add_parser("encoders", help="list the registered encoders")
     p.set_defaults(func=cmd_encoders)

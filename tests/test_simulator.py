@@ -104,3 +104,16 @@ def test_real_catalog_shoppers_prefer_their_colours(fashion_catalog: Path) -> No
         2000 * len(shoppers)
     )
     assert base_rate < favourite_share("view") < favourite_share("click")
+
+
+def test_cli_simulate_sessions_writes_events_and_profiles(tiny_catalog: Path, tmp_path: Path, capsys) -> None:
+    from serving.cli import main
+
+    out = tmp_path / "sim" / "events.jsonl"
+    args = ["simulate", "sessions", "--catalog", str(tiny_catalog), "--shoppers", "5", "--days", "2"]
+    assert main([*args, "--seed", "1", "--out", str(out)]) == 0
+    events = list(read_events(out))
+    assert events and {e.user_id for e in events} <= {f"u{i:06d}" for i in range(5)}
+    assert (tmp_path / "sim" / "events.jsonl.shoppers.json").is_file()
+    assert "wrote" in capsys.readouterr().out
+    assert main([*args, "--shoppers", "0", "--out", str(out)]) == 2

@@ -9,7 +9,7 @@ from scipy import sparse
 
 
 def interaction_matrix(histories: Sequence[np.ndarray], n_items: int) -> sparse.csr_matrix:
-    """(n_users, n_items) binary CSR matrix: 1 where the user interacted with the item (repeats count once)."""
+    """(n_users, n_items) binary CSR matrix: 1 where the user interacted with the item (repeats once)."""
     lengths = np.fromiter((len(h) for h in histories), dtype=np.int64, count=len(histories))
     rows = np.repeat(np.arange(len(histories)), lengths)
     cols = np.concatenate([np.asarray(h, dtype=np.int64) for h in histories]) if len(histories) else []
