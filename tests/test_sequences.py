@@ -22,6 +22,7 @@ from training.seq_metrics import (
     top_items,
 )
 from training.sequences import (
+    PURCHASE,
     SequenceData,
     TrainConfig,
     attribute_bags,
@@ -128,9 +129,13 @@ def test_load_and_leave_one_out(tmp_path: Path):
 
 def test_training_windows_cover_every_target_once():
     windows = training_windows([np.arange(7)], max_len=3)  # 7 items, history capped at 3
-    assert [(w.tolist(), first) for w, first in windows] == [([1, 2, 3, 4], True), ([4, 5, 6, 7], False)]
+    assert [(w.tolist(), first) for w, _, first in windows] == [([1, 2, 3, 4], True), ([4, 5, 6, 7], False)]
     # Targets: item 1 (cold start), 2, 3, 4 from the first window; 5, 6, 7 from the second.
-    assert sum(len(w) - (0 if first else 1) for w, first in windows) == 7
+    assert sum(len(w) - (0 if first else 1) for w, _, first in windows) == 7
+    # Without event types every step is a purchase; given types travel with their items.
+    assert all((e == PURCHASE).all() for _, e, _ in windows)
+    typed = training_windows([np.arange(7)], max_len=3, events=[np.arange(7) % 4 + 1])
+    assert [e.tolist() for _, e, _ in typed] == [[1, 2, 3, 4], [4, 1, 2, 3]]
 
 
 def test_training_handles_one_item_training_parts(tmp_path: Path):
@@ -291,3 +296,34 @@ def test_beauty_split_matches_readme(amazon_sequences: Path):
     assert sum(len(s) for s in data.sequences) == 198_502
     assert sum(len(t) for t in split.train) == 198_502 - 2 * 22_363
     assert not split.extra_train
+
+
+def test_train_and_eval_on_shopguide_events(tmp_path: Path):
+    """An events file (.jsonl) trains with its event types: a shopper who clicks p{i} then views p{i+1}."""
+    from training.events import Event, write_events
+    from training.sequences import load_dataset, run_eval_sequences, run_train_sequences
+
+    events, n = [], 0
+    for user in range(60):
+        for step in range(6):
+            item = (user + step) % 12
+            for kind in ("view", "click") if step % 2 == 0 else ("view",):
+                n += 1
+                events.append(Event(f"e{n}", f"u{user}", f"p{item}", kind, ts=float(n)))
+    path = tmp_path / "events.jsonl"
+    write_events(events, path)
+    data, types = load_dataset(path)
+    assert len(data.user_ids) == 60 and types[0][:2] == ["click", "view"]  # view->click collapsed
+    config = SequenceModelConfig(dim=16, hidden=32, input_dropout=0.0, hidden_dropout=0.0)
+    trained = run_train_sequences(
+        path,
+        tmp_path / "model",
+        model_config=config,
+        train_config=TrainConfig(lr=1e-2, max_epochs=40, patience=40),
+        progress=False,
+    )
+    assert trained["items"] == 12
+    result = run_eval_sequences(path, tmp_path / "model", baselines=True)
+    assert result["rows"]["GRU (ours)"]["HR@5"] > 0.9  # the next product is learnable
+    assert set(result["rows"]) == {"GRU (ours)", "popularity", "item-CF", "user-CF"}
+    assert result["published"] == {}

@@ -110,6 +110,25 @@ def load_sequences(path: Path) -> SequenceData:
     return SequenceData(user_ids, sequences, str(path))
 
 
+def load_dataset(path: Path) -> tuple[SequenceData, list[list[str]] | None]:
+    """A `user item item ...` file (every event a purchase, types None), or a shopguide events file
+    (`.jsonl`, e.g. from `shopguide simulate sessions`): per-user (product, event type) histories."""
+    path = Path(path)
+    if path.suffix != ".jsonl":
+        return load_sequences(path), None
+    from training.events import read_events
+    from training.session_data import histories_from_events
+
+    if not path.is_file():
+        raise FileNotFoundError(f"events file not found: {path}")
+    histories = histories_from_events(read_events(path))
+    if not histories:
+        raise ValueError(f"{path} holds no product events")
+    users = sorted(histories)
+    data = SequenceData(users, [[pid for pid, _ in histories[u]] for u in users], str(path))
+    return data, [[kind for _, kind in histories[u]] for u in users]
+
+
 def load_item_attributes(path: Path) -> dict[str, list[int]]:
     """Read `{item_id: [attribute ids]}` JSON (S3-Rec's `*_item2attributes.json`)."""
     path = Path(path)
@@ -143,6 +162,10 @@ class LeaveOneOut:
     valid_target: np.ndarray  # (n_users,) seq[-2]
     test_target: np.ndarray  # (n_users,) seq[-1]
     extra_train: list[np.ndarray] = field(default_factory=list)  # sequences of users with < 3 items
+    # Event-type indices (encoders.sequence.EVENT_INDEX) aligned with each whole sequence; None = all
+    # purchases (the Amazon files). Evaluated users' arrays cover train + validation + test items.
+    events: list[np.ndarray] | None = None
+    extra_events: list[np.ndarray] | None = None
 
     def inputs(self, which: str) -> list[np.ndarray]:
         """Histories the model reads for the "valid" or "test" targets."""
@@ -155,20 +178,43 @@ class LeaveOneOut:
     def targets(self, which: str) -> np.ndarray:
         return self.valid_target if which == "valid" else self.test_target
 
+    def input_events(self, which: str) -> list[np.ndarray] | None:
+        """Event types aligned with `inputs(which)`, or None when every event is a purchase."""
+        if self.events is None:
+            return None
+        cut = 2 if which == "valid" else 1
+        return [e[:-cut] for e in self.events]
 
-def leave_one_out(data: SequenceData, item_ids: Sequence[str]) -> LeaveOneOut:
+    def train_sequences(self) -> tuple[list[np.ndarray], list[np.ndarray] | None]:
+        """Training item sequences (evaluated users first, then short ones) and their event types."""
+        items = self.train + self.extra_train
+        if self.events is None:
+            return items, None
+        return items, [e[:-2] for e in self.events] + list(self.extra_events or [])
+
+
+def leave_one_out(
+    data: SequenceData, item_ids: Sequence[str], events: Sequence[Sequence[str]] | None = None
+) -> LeaveOneOut:
+    """The split; `events` (event type names aligned with data.sequences) keeps each step's type."""
     column = {item: i for i, item in enumerate(item_ids)}
     users, train, valid, test, extra = [], [], [], [], []
-    for user, seq in zip(data.user_ids, data.sequences, strict=True):
+    kept_events, extra_events = [], []
+    for row, (user, seq) in enumerate(zip(data.user_ids, data.sequences, strict=True)):
         cols = np.fromiter((column[i] for i in seq), dtype=np.int64, count=len(seq))
+        types = None if events is None else np.array([EVENT_INDEX[t] for t in events[row]], dtype=np.int64)
         if len(cols) < 3:
             extra.append(cols)
+            extra_events.append(types)
             continue
         users.append(user)
         train.append(cols[:-2])
         valid.append(cols[-2])
         test.append(cols[-1])
-    return LeaveOneOut(users, train, np.asarray(valid), np.asarray(test), extra)
+        kept_events.append(types)
+    if events is None:
+        return LeaveOneOut(users, train, np.asarray(valid), np.asarray(test), extra)
+    return LeaveOneOut(users, train, np.asarray(valid), np.asarray(test), extra, kept_events, extra_events)
 
 
 def attribute_bags(
@@ -186,8 +232,10 @@ def attribute_bags(
     return len(known), ids, offsets
 
 
-def training_windows(sequences: Sequence[np.ndarray], max_len: int) -> list[tuple[np.ndarray, bool]]:
-    """Cut 0-based item sequences into (window of 1-based indices, is_first) for next-item training.
+def training_windows(
+    sequences: Sequence[np.ndarray], max_len: int, events: Sequence[np.ndarray] | None = None
+) -> list[tuple[np.ndarray, np.ndarray, bool]]:
+    """Cut 0-based item sequences into (window of 1-based indices, its event types, is_first).
 
     A window of n items feeds n - 1 inputs and predicts items 1..n-1 (every prefix's next item) plus,
     in a sequence's first window, item 0 from the empty history (that trains the cold-start vector).
@@ -195,52 +243,65 @@ def training_windows(sequences: Sequence[np.ndarray], max_len: int) -> list[tupl
     max_len items of history: the same cap as serving.
     """
     windows = []
-    for seq in sequences:
+    for row, seq in enumerate(sequences):
         seq = np.asarray(seq, dtype=np.int64) + 1
         if len(seq) == 0:
             continue
-        windows.append((seq[: max_len + 1], True))
+        types = np.full(len(seq), PURCHASE, np.int64) if events is None else np.asarray(events[row], np.int64)
+        windows.append((seq[: max_len + 1], types[: max_len + 1], True))
         for start in range(max_len, len(seq) - 1, max_len):
-            windows.append((seq[start : start + max_len + 1], False))
+            windows.append((seq[start : start + max_len + 1], types[start : start + max_len + 1], False))
     return windows
 
 
-def _batches(windows: list[tuple[np.ndarray, bool]], batch_size: int, rng: np.random.Generator):
-    """Yield (items (B, T), targets (B, T + 1), mask (B, T + 1)) batches of similar length, shuffled."""
+def _batches(windows: list[tuple[np.ndarray, np.ndarray, bool]], batch_size: int, rng: np.random.Generator):
+    """Yield (items (B, T), events (B, T), targets (B, T + 1), mask (B, T + 1)) batches of similar
+    length, shuffled."""
     order = rng.permutation(len(windows))
     order = order[np.argsort([len(windows[i][0]) for i in order], kind="stable")]  # bucket by length
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for chunk_index in rng.permutation(len(chunks)):
         chunk = [windows[i] for i in chunks[chunk_index]]
-        width = max(len(w) for w, _ in chunk)
+        width = max(len(w) for w, _, _ in chunk)
         targets = np.zeros((len(chunk), width), dtype=np.int64)
-        for row, (window, _) in enumerate(chunk):
+        types = np.zeros((len(chunk), width), dtype=np.int64)
+        for row, (window, window_types, _) in enumerate(chunk):
             targets[row, : len(window)] = window
+            types[row, : len(window)] = window_types
         mask = targets > 0
-        mask[:, 0] = [first for _, first in chunk]
-        items = torch.from_numpy(targets[:, :-1].copy()) if width > 1 else torch.zeros(len(chunk), 0).long()
-        yield items, torch.from_numpy(targets), torch.from_numpy(mask)
+        mask[:, 0] = [first for _, _, first in chunk]
+        items = torch.from_numpy(targets[:, :-1].copy())  # (B, T): inputs are all but the last item
+        events = torch.from_numpy(types[:, :-1].copy())  # (B, T): the inputs' event types
+        yield items, events, torch.from_numpy(targets), torch.from_numpy(mask)
 
 
-def _padded(histories: Sequence[np.ndarray], max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based histories -> right-padded (n, T) 1-based items (last max_len) and (n,) lengths."""
+def _padded(
+    histories: Sequence[np.ndarray], max_len: int, events: Sequence[np.ndarray] | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """0-based histories -> right-padded (n, T) 1-based items and event types (last max_len), (n,) lengths."""
     cut = [
         np.asarray(h[-max_len:], dtype=np.int64) + 1 if len(h) else np.zeros(0, np.int64) for h in histories
     ]
     lengths = torch.tensor([len(h) for h in cut], dtype=torch.long)
     items = torch.zeros(len(cut), max(1, int(lengths.max())), dtype=torch.long)
+    types = torch.zeros_like(items)
     for row, h in enumerate(cut):
         items[row, : len(h)] = torch.from_numpy(h)
-    return items, lengths
+        if events is None:
+            types[row, : len(h)] = PURCHASE
+        elif len(h):
+            types[row, : len(h)] = torch.from_numpy(np.asarray(events[row][-max_len:], dtype=np.int64))
+    return items, types, lengths
 
 
 @torch.inference_mode()
-def model_scores(model: GRUSequenceModel, histories: Sequence[np.ndarray]) -> np.ndarray:
-    """(n, n_items) exact scores for 0-based histories (every event a purchase)."""
+def model_scores(
+    model: GRUSequenceModel, histories: Sequence[np.ndarray], events: Sequence[np.ndarray] | None = None
+) -> np.ndarray:
+    """(n, n_items) exact scores for 0-based histories (events None: every event a purchase)."""
     was_training = model.training
     model.eval()
-    items, lengths = _padded(histories, model.config.max_len)
-    events = torch.where(items > 0, PURCHASE, 0)
+    items, events, lengths = _padded(histories, model.config.max_len, events)
     table = model.item_table()  # (n_items + 1, dim), once for both sides
     users = model.user_vectors(items, events, lengths, table)  # (n, dim)
     scores = model.logits(users, table).numpy()
@@ -264,11 +325,14 @@ def evaluate_scorer(
 def evaluate_model(
     model: GRUSequenceModel, split: LeaveOneOut, which: str, keep_top: int = 0
 ) -> RankingAccumulator:
-    histories = split.inputs(which)
-    return evaluate_scorer(
-        lambda rows: model_scores(model, [histories[r] for r in rows]), histories, split.targets(which),
-        keep_top=keep_top,
-    )  # fmt: skip
+    histories, events = split.inputs(which), split.input_events(which)
+
+    def score_rows(rows: np.ndarray) -> np.ndarray:
+        return model_scores(
+            model, [histories[r] for r in rows], None if events is None else [events[r] for r in rows]
+        )
+
+    return evaluate_scorer(score_rows, histories, split.targets(which), keep_top=keep_top)
 
 
 def _seed_everything(seed: int) -> np.random.Generator:
@@ -293,8 +357,9 @@ def train_model(
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
     )
-    windows = training_windows(split.train + split.extra_train, model_config.max_len)
-    n_targets = sum(len(w) - (0 if first else 1) for w, first in windows)
+    train_items, train_events = split.train_sequences()
+    windows = training_windows(train_items, model_config.max_len, train_events)
+    n_targets = sum(len(w) - (0 if first else 1) for w, _, first in windows)
     best = {"NDCG@10": -1.0, "epoch": 0, "state": None, "metrics": {}}
     history, epoch_seconds, stale = [], [], 0
     started = time.perf_counter()
@@ -307,9 +372,8 @@ def train_model(
             _batches(windows, train_config.batch_size, rng), total=n_batches, desc=f"epoch {epoch}",
             leave=False, disable=not progress,
         )  # fmt: skip
-        for items, targets, mask in bar:
+        for items, events, targets, mask in bar:
             table = model.item_table()  # (n_items + 1, dim), recomputed: attribute bags train too
-            events = torch.where(items > 0, PURCHASE, 0)
             states = model.states(items, events, table)  # (B, T + 1, dim)
             logits = model.logits(states[mask], table)  # (n_valid, n_items)
             loss = F.cross_entropy(logits, targets[mask] - 1, label_smoothing=train_config.label_smoothing)
@@ -379,9 +443,9 @@ def run_train_sequences(
     progress: bool = True,
 ) -> dict:
     """Train on the leave-one-out training part of `dataset`; write `out_dir/sequence_model.pt`."""
-    data = load_sequences(dataset)
+    data, events = load_dataset(dataset)
     item_ids = item_vocabulary(data)
-    split = leave_one_out(data, item_ids)
+    split = leave_one_out(data, item_ids, events)
     model_config = model_config or SequenceModelConfig()
     train_config = replace(train_config or TrainConfig(), seed=seed)
     bag = attribute_bags(item_ids, load_item_attributes(attributes) if attributes else None)
@@ -404,14 +468,14 @@ def run_eval_sequences(
     GRU's top-20 items per test user. Baselines fit on the test inputs (everything but each last item)."""
     encoder = SequenceEncoder.load(model_dir)
     torch.set_num_threads(int(encoder.extra.get("train_config", {}).get("threads", 2)))
-    data = load_sequences(dataset)
+    data, events = load_dataset(dataset)
     missing = sorted(set(item_vocabulary(data)) - set(encoder.item_ids))
     if missing:
         raise ValueError(
             f"{dataset} has {len(missing)} item(s) the model never saw (e.g. {missing[:3]}); "
             f"evaluate on the file the model was trained on, or retrain with `shopguide train sequences`"
         )
-    split = leave_one_out(data, encoder.item_ids)
+    split = leave_one_out(data, encoder.item_ids, events)
     histories, targets = split.inputs("test"), split.targets("test")
     rows: dict[str, dict] = {}
     timings: dict[str, float] = {}
