@@ -327,3 +327,4 @@ def test_train_and_eval_on_shopguide_events(tmp_path: Path):
     assert result["rows"]["GRU (ours)"]["HR@5"] > 0.9  # the next product is learnable
     assert set(result["rows"]) == {"GRU (ours)", "popularity", "item-CF", "user-CF"}
     assert result["published"] == {}
+    assert result["index_recall_at_10"] >= 0.98 and result["index_recall_users"] == 60

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import hashlib
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from encoders.sequence import HistoryEvent, SequenceEncoder
-from index import VectorIndex, VectorSpace
+from index import EdgeSettings, EdgeStore, Record, VectorIndex, VectorSpace
 
 BEHAVIOR_SPACE = "behavior"
 
@@ -67,6 +68,26 @@ def index_recall_at_k(
         exact = {encoder.item_ids[j] for j in np.argsort(-row)[:k]}
         recalls.append(len(exact & {h.product_id for h in hits}) / k)
     return float(np.mean(recalls))
+
+
+def hnsw_behavior_recall(
+    encoder: SequenceEncoder, histories: Sequence[Sequence[HistoryEvent]], k: int = 10
+) -> float:
+    """index_recall_at_k on a scratch embedded collection of every item's behavior vector, with HNSW
+    forced on (at the engine's default thresholds a catalog this small is scanned exactly)."""
+    settings = EdgeSettings(full_scan_threshold_kb=1, indexing_threshold_kb=1)
+    with tempfile.TemporaryDirectory(prefix="shopguide-behavior-") as tmp, EdgeStore(tmp, settings) as store:
+        index = store.create_collection("behavior_check", [behavior_space(encoder)])
+        vectors = encoder.item_vectors()
+        for start in range(0, len(vectors), 2048):
+            index.upsert(
+                [
+                    Record(pid, {BEHAVIOR_SPACE: vectors[i]})
+                    for i, pid in enumerate(encoder.item_ids[start : start + 2048], start)
+                ]
+            )
+        index.optimize()
+        return index_recall_at_k(index, encoder, histories, k)
 
 
 def _present(index: VectorIndex, encoder: SequenceEncoder) -> list[str | None]:

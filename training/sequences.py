@@ -17,7 +17,7 @@ import yaml
 from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
-from encoders.sequence import EVENT_INDEX, GRUSequenceModel, SequenceEncoder, SequenceModelConfig
+from encoders.sequence import EVENT_INDEX, EVENT_TYPES, GRUSequenceModel, SequenceEncoder, SequenceModelConfig
 from training.cf import ItemCF, Popularity, UserCF
 from training.seq_metrics import KS, RankingAccumulator
 
@@ -493,8 +493,24 @@ def run_eval_sequences(
             scorer = build()
             rows[name] = evaluate_scorer(scorer.scores, histories, targets, batch=512).metrics()
             timings[name] = time.perf_counter() - start
+    # Serving path: the same model through the index's behavior space (HNSW), 1,000 random test users.
+    from training.behavior import hnsw_behavior_recall
+
+    picked = np.random.default_rng(0).permutation(len(histories))[:1000]
+    test_events = split.input_events("test")
+    sample = [
+        [(encoder.item_ids[c], EVENT_TYPES[e - 1]) for c, e in zip(histories[r], test_events[r], strict=True)]
+        if test_events is not None
+        else [encoder.item_ids[c] for c in histories[r]]
+        for r in picked
+    ]
+    start = time.perf_counter()
+    index_recall = hnsw_behavior_recall(encoder, sample, k=10)
+    timings["index recall"] = time.perf_counter() - start
     top = gru.top()
     return {
+        "index_recall_at_10": round(index_recall, 4),
+        "index_recall_users": len(sample),
         "dataset": str(dataset),
         "dataset_name": data.name,
         "model": str(model_dir),
@@ -531,5 +547,10 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name + ' (S3-Rec paper)':<26}"
             + "".join(f"{v:>9.4f}" if v is not None else f"{'-':>9}" for v in cells)
+        )
+    if "index_recall_at_10" in result:
+        lines.append(
+            f"serving path: index (HNSW) top-10 vs the model's exact top-10, recall "
+            f"{result['index_recall_at_10']:.4f} over {result['index_recall_users']} random test users"
         )
     return "\n".join(lines)
