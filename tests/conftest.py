@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-DATASETS = Path(
-    os.environ.get("SHOPGUIDE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
-)
+from training.catalog import DATASETS_DIR  # noqa: E402 - after the offline switches
+
+DATASETS = DATASETS_DIR
 FASHION = DATASETS / "fashion-catalog"
 
 HEADER = [

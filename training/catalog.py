@@ -10,10 +10,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
-DEFAULT_CATALOG = (
-    Path(os.environ.get("SHOPGUIDE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    / "fashion-catalog"
+# The shared datasets folder: $SHOPGUIDE_DATASETS, else ../shared/datasets beside the checkout.
+DATASETS_DIR = Path(
+    os.environ.get("SHOPGUIDE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets")
 )
+DEFAULT_CATALOG = DATASETS_DIR / "fashion-catalog"
 
 REQUIRED_COLUMNS = ("id", "productDisplayName")
 ATTRIBUTE_COLUMNS = (

@@ -5,7 +5,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields, replace
@@ -18,13 +17,11 @@ from torch.nn import functional as F  # noqa: N812
 from tqdm import tqdm
 
 from encoders.sequence import EVENT_INDEX, EVENT_TYPES, GRUSequenceModel, SequenceEncoder, SequenceModelConfig
+from training.catalog import DATASETS_DIR
 from training.cf import ItemCF, Popularity, UserCF
 from training.seq_metrics import KS, RankingAccumulator
 
-DEFAULT_SEQUENCES = (
-    Path(os.environ.get("SHOPGUIDE_DATASETS", Path(__file__).resolve().parents[2] / "shared" / "datasets"))
-    / "amazon-sequences"
-)
+DEFAULT_SEQUENCES = DATASETS_DIR / "amazon-sequences"
 PURCHASE = EVENT_INDEX["purchase"]  # every Amazon review event is a purchase
 TOP_K_OUT = 20  # items per user in the --topk-out TSV
 
