@@ -251,6 +251,26 @@ def cmd_simulate_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_index_behavior(args: argparse.Namespace) -> int:
+    from encoders.sequence import SequenceEncoder
+    from training.behavior import upsert_behavior_vectors
+    from training.ingest import ALIAS
+
+    encoder = SequenceEncoder.load(args.model)
+    store = _store(args)
+    try:
+        index = store.open(ALIAS)
+        result = upsert_behavior_vectors(index, encoder)
+        index.optimize()
+    finally:
+        store.close()
+    print(
+        f"wrote behavior vectors ({result.space.encoder}, dim {result.space.dim}) for {result.written} "
+        f"products; {result.not_in_index} model items are not in the index"
+    )
+    return 0
+
+
 def cmd_encoders(args: argparse.Namespace) -> int:
     from encoders import list_image_encoders, list_text_encoders
 
@@ -349,6 +369,13 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", type=Path, required=True, help="events file (JSON lines)")
     m.set_defaults(func=cmd_simulate_sessions)
+
+    p = sub.add_parser("index", help="index maintenance")
+    index_sub = p.add_subparsers(dest="what", required=True)
+    b = index_sub.add_parser("behavior", help="write a trained sequence model's item vectors as `behavior`")
+    b.add_argument("--model", type=Path, required=True, help="a `shopguide train sequences` folder")
+    _add_store(b)
+    b.set_defaults(func=cmd_index_behavior)
 
     p = sub.add_parser("encoders", help="list the registered encoders")
     p.set_defaults(func=cmd_encoders)

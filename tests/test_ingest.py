@@ -234,3 +234,34 @@ def test_ingest_killed_with_sigkill_loses_nothing(tiny_catalog: Path, tmp_path: 
     index = store.open(ALIAS)
     assert sorted(index.product_ids()) == sorted(str(i) for i in range(101, 173))
     store.close()
+
+
+def test_cli_index_behavior_writes_the_models_vectors(ingested, tmp_path: Path, capsys) -> None:
+    """Simulated shoppers -> GRU -> behavior vectors in the live collection, ranked like the model."""
+    from encoders.sequence import SequenceEncoder, SequenceModelConfig
+    from training.behavior import BEHAVIOR_SPACE, index_recall_at_k
+    from training.catalog import load_catalog
+    from training.events import write_events
+    from training.sequences import TrainConfig, run_train_sequences
+    from training.simulator import SimulatorConfig, simulate_sessions
+
+    catalog, data_dir = ingested
+    events, _ = simulate_sessions(load_catalog(catalog).products, SimulatorConfig(30, 3, 0), progress=False)
+    write_events(events, tmp_path / "events.jsonl")
+    config = SequenceModelConfig(dim=8, hidden=16)
+    run_train_sequences(
+        tmp_path / "events.jsonl",
+        tmp_path / "gru",
+        model_config=config,
+        train_config=TrainConfig(max_epochs=2),
+        progress=False,
+    )
+    assert main(["index", "behavior", "--model", str(tmp_path / "gru"), "--data-dir", str(data_dir)]) == 0
+    assert "wrote behavior vectors" in capsys.readouterr().out
+    store = EdgeStore(data_dir / "index")
+    index = store.open(ALIAS)
+    encoder = SequenceEncoder.load(tmp_path / "gru")
+    assert index.spaces[BEHAVIOR_SPACE].dim == 10
+    histories = [[(e.product_id, e.type)] for e in events[:20] if e.product_id]
+    assert index_recall_at_k(index, encoder, histories, k=5) == 1.0
+    store.close()
