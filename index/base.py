@@ -224,14 +224,22 @@ class VectorIndex(ABC):
         k: int = 10,
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
+        hnsw_ef: int | None = None,
     ) -> list[Hit]:
-        """Top-k by cosine similarity in one named space, after filters and exclusions."""
+        """Top-k by cosine similarity in one named space, after filters and exclusions.
+
+        `hnsw_ef` widens the HNSW beam for this query (recall for latency); None = the store default."""
 
     def search_batch(
-        self, space: str, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
+        self,
+        space: str,
+        vectors: np.ndarray,
+        k: int = 10,
+        filters: Filters | None = None,
+        hnsw_ef: int | None = None,
     ) -> list[list[Hit]]:
         """Top-k for each row of `vectors` (n, dim); backends may override with a batched call."""
-        return [self.search(space, row, k, filters) for row in vectors]
+        return [self.search(space, row, k, filters, hnsw_ef=hnsw_ef) for row in vectors]
 
     @abstractmethod
     def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:

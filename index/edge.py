@@ -240,13 +240,15 @@ class EdgeIndex(VectorIndex):
             ]
             self.shard.update(qe.UpdateOperation.update_vectors(batch))
 
-    def _request(self, space: str, row: np.ndarray, k: int, flt: qe.Filter | None) -> qe.QueryRequest:
+    def _request(
+        self, space: str, row: np.ndarray, k: int, flt: qe.Filter | None, hnsw_ef: int | None = None
+    ) -> qe.QueryRequest:
         return qe.QueryRequest(
             limit=int(k),
             query=qe.Query.Nearest(row.tolist(), using=space),
             filter=flt,
             with_payload=True,
-            params=self._params,
+            params=qe.SearchParams(hnsw_ef=int(hnsw_ef)) if hnsw_ef else self._params,
         )
 
     def search(
@@ -256,19 +258,26 @@ class EdgeIndex(VectorIndex):
         k: int = 10,
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
+        hnsw_ef: int | None = None,
     ) -> list[Hit]:
         row = check_query(self.name, self.spaces, space, vector, k)  # (1, dim)
         if row.shape[0] != 1:
             raise ValueError(f"search takes one vector, got {row.shape[0]}; use search_batch")
-        return to_hits(self.shard.query(self._request(space, row[0], k, _to_filter(filters, exclude_ids))))
+        request = self._request(space, row[0], k, _to_filter(filters, exclude_ids), hnsw_ef)
+        return to_hits(self.shard.query(request))
 
     def search_batch(
-        self, space: str, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
+        self,
+        space: str,
+        vectors: np.ndarray,
+        k: int = 10,
+        filters: Filters | None = None,
+        hnsw_ef: int | None = None,
     ) -> list[list[Hit]]:
         matrix = check_query(self.name, self.spaces, space, vectors, k)  # (n, dim)
         flt = _to_filter(filters)
         # One query_batch call: the engine plans the batch as a whole and shares segment passes.
-        batch = qe.QueryBatchRequest([self._request(space, row, k, flt) for row in matrix])
+        batch = qe.QueryBatchRequest([self._request(space, row, k, flt, hnsw_ef) for row in matrix])
         return [to_hits(points) for points in self.shard.query_batch(batch)]
 
     def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:

@@ -75,6 +75,10 @@ def _to_filter(filters: Filters | None, exclude_ids: Sequence[str] = ()) -> mode
     return models.Filter(must=must or None, must_not=must_not or None)
 
 
+def _search_params(hnsw_ef: int | None) -> models.SearchParams | None:
+    return models.SearchParams(hnsw_ef=int(hnsw_ef)) if hnsw_ef else None
+
+
 class ServerIndex(VectorIndex):
     """One Qdrant collection reached through the store's client."""
 
@@ -156,6 +160,7 @@ class ServerIndex(VectorIndex):
         k: int = 10,
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
+        hnsw_ef: int | None = None,
     ) -> list[Hit]:
         row = check_query(self.name, self.spaces, space, vector, k)  # (1, dim)
         if row.shape[0] != 1:
@@ -167,16 +172,25 @@ class ServerIndex(VectorIndex):
             limit=int(k),
             query_filter=_to_filter(filters, exclude_ids),
             with_payload=True,
+            search_params=_search_params(hnsw_ef),
         )
         return to_hits(response.points)
 
     def search_batch(
-        self, space: str, vectors: np.ndarray, k: int = 10, filters: Filters | None = None
+        self,
+        space: str,
+        vectors: np.ndarray,
+        k: int = 10,
+        filters: Filters | None = None,
+        hnsw_ef: int | None = None,
     ) -> list[list[Hit]]:
         matrix = check_query(self.name, self.spaces, space, vectors, k)  # (n, dim)
         flt = _to_filter(filters)
+        params = _search_params(hnsw_ef)
         requests = [
-            models.QueryRequest(query=row.tolist(), using=space, filter=flt, limit=int(k), with_payload=True)
+            models.QueryRequest(
+                query=row.tolist(), using=space, filter=flt, limit=int(k), with_payload=True, params=params
+            )
             for row in matrix
         ]
         return [to_hits(r.points) for r in self.client.query_batch_points(self.name, requests=requests)]

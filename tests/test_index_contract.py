@@ -220,6 +220,16 @@ def test_search_batch_equals_single_searches(index: VectorIndex, filters: Filter
         np.testing.assert_allclose([h.score for h in batch_hits], [h.score for h in single], atol=1e-6)
 
 
+def test_per_query_hnsw_ef_is_accepted_and_exact_on_small_data(index: VectorIndex) -> None:
+    query = QUERIES["text"][0]
+    plain = index.search("text", query, k=7)
+    assert [h.product_id for h in index.search("text", query, k=7, hnsw_ef=256)] == [
+        h.product_id for h in plain
+    ]
+    batch = index.search_batch("text", QUERIES["text"], k=7, hnsw_ef=256)
+    assert [h.product_id for h in batch[0]] == [h.product_id for h in plain]
+
+
 def test_optimize_keeps_results(index: VectorIndex) -> None:
     query = QUERIES["image"][1]
     before = index.search("image", query, k=10, filters=FILTER_CASES["combined"])

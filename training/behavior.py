@@ -57,7 +57,11 @@ def upsert_behavior_vectors(
 
 
 def index_recall_at_k(
-    index: VectorIndex, encoder: SequenceEncoder, histories: Sequence[Sequence[HistoryEvent]], k: int = 10
+    index: VectorIndex,
+    encoder: SequenceEncoder,
+    histories: Sequence[Sequence[HistoryEvent]],
+    k: int = 10,
+    hnsw_ef: int | None = BEHAVIOR_HNSW_EF,
 ) -> float:
     """Mean share of the exact full-ranking top-k (model scores over items in the index) that the
     index's behavior search returns, over the given users."""
@@ -65,7 +69,7 @@ def index_recall_at_k(
     scores = encoder.scores(histories)  # (n_users, n_items)
     scores[:, ~in_index] = -np.inf
     users = encoder.encode_users(histories)  # (n_users, dim + 2)
-    found = index.search_batch(BEHAVIOR_SPACE, users, k=k)
+    found = index.search_batch(BEHAVIOR_SPACE, users, k=k, hnsw_ef=hnsw_ef)
     recalls = []
     for row, hits in zip(scores, found, strict=True):
         exact = {encoder.item_ids[j] for j in np.argsort(-row)[:k]}
@@ -81,7 +85,7 @@ def hnsw_behavior_recall(
 ) -> float:
     """index_recall_at_k on a scratch embedded collection of every item's behavior vector, with HNSW
     forced on (at the engine's default thresholds a catalog this small is scanned exactly)."""
-    settings = EdgeSettings(full_scan_threshold_kb=1, indexing_threshold_kb=1, hnsw_ef=hnsw_ef)
+    settings = EdgeSettings(full_scan_threshold_kb=1, indexing_threshold_kb=1)
     with tempfile.TemporaryDirectory(prefix="shopguide-behavior-") as tmp, EdgeStore(tmp, settings) as store:
         index = store.create_collection("behavior_check", [behavior_space(encoder)])
         vectors = encoder.item_vectors()
@@ -93,7 +97,7 @@ def hnsw_behavior_recall(
                 ]
             )
         index.optimize()
-        return index_recall_at_k(index, encoder, histories, k)
+        return index_recall_at_k(index, encoder, histories, k, hnsw_ef)
 
 
 def _present(index: VectorIndex, encoder: SequenceEncoder) -> list[str | None]:
