@@ -220,6 +220,7 @@ def test_search_batch_equals_single_searches(index: VectorIndex, filters: Filter
         np.testing.assert_allclose([h.score for h in batch_hits], [h.score for h in single], atol=1e-6)
 
 
+@pytest.mark.filterwarnings("ignore:Local mode performs exact")  # qdrant-client's test double: no HNSW
 def test_per_query_hnsw_ef_is_accepted_and_exact_on_small_data(index: VectorIndex) -> None:
     query = QUERIES["text"][0]
     plain = index.search("text", query, k=7)
