@@ -75,6 +75,7 @@ class GRUSequenceModel(nn.Module):
         n_attributes: int = 0,
         attribute_ids: torch.Tensor | None = None,
         attribute_offsets: torch.Tensor | None = None,
+        content: torch.Tensor | None = None,
     ):
         super().__init__()
         self.config = config.validate()
@@ -96,6 +97,16 @@ class GRUSequenceModel(nn.Module):
             self.register_buffer("attribute_offsets", attribute_offsets.long())  # (n_items + 1,)
         else:
             self.attribute_embedding = None
+        # Content side information: fixed product vectors (e.g. the catalog's fused image + text vectors,
+        # (n_items + 1, content_dim), row 0 and unknown items zero) through a learned linear map, added
+        # to the item's own embedding: items with few events borrow from products that look alike.
+        if content is not None:
+            if content.shape[0] != n_items + 1:
+                raise ValueError(f"content has {content.shape[0]} rows, expected n_items + 1 = {n_items + 1}")
+            self.register_buffer("content", content.float())  # (n_items + 1, content_dim)
+            self.content_projection = nn.Linear(content.shape[1], config.dim, bias=False)
+        else:
+            self.content_projection = None
         nn.init.normal_(self.item_embedding.weight, std=1.0 / math.sqrt(config.dim))
         nn.init.zeros_(self.event_embedding.weight)  # starts as a no-op; Amazon data has one event type
         with torch.no_grad():
@@ -108,6 +119,8 @@ class GRUSequenceModel(nn.Module):
         table = self.item_embedding.weight
         if self.attribute_embedding is not None:
             table = table + self.attribute_embedding(self.attribute_ids, self.attribute_offsets)
+        if self.content_projection is not None:
+            table = table + self.content_projection(self.content)
         return table
 
     def states(self, items: torch.Tensor, events: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
@@ -241,6 +254,7 @@ class SequenceEncoder:
             n_attributes=n_attributes,
             attribute_ids=state.get("attribute_ids"),
             attribute_offsets=state.get("attribute_offsets"),
+            content=state.get("content"),
         )
         model.load_state_dict(state)
         encoder = cls(model, checkpoint["item_ids"])

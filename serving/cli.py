@@ -196,6 +196,7 @@ def cmd_train_sequences(args: argparse.Namespace) -> int:
         model_config=model_config,
         train_config=train_config,
         progress=not args.no_progress,
+        content_index=args.content_index,
     )
     valid = summary["valid"]
     print(
@@ -324,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0, help="training seed (default: %(default)s)")
     t.add_argument("--attributes", type=Path, help="item side information, {item_id: [attribute ids]} JSON")
     t.add_argument("--config", type=Path, help="YAML with `model:` and `train:` sections overriding defaults")
+    t.add_argument(
+        "--content-index",
+        type=Path,
+        metavar="DATA_DIR",
+        help="use the fused product vectors of this data dir's index as item side information",
+    )
     t.add_argument(
         "--no-progress", action="store_true", help="no progress bars (one line per epoch still prints)"
     )

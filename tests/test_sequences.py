@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from encoders.sequence import SequenceEncoder, SequenceModelConfig
+from encoders.sequence import GRUSequenceModel, SequenceEncoder, SequenceModelConfig
 from serving.cli import main
 from tests.conftest import DATASETS
 from training.cf import ItemCF, Popularity, UserCF
@@ -328,3 +328,20 @@ def test_train_and_eval_on_shopguide_events(tmp_path: Path):
     assert set(result["rows"]) == {"GRU (ours)", "popularity", "item-CF", "user-CF"}
     assert result["published"] == {}
     assert result["index_recall_at_10"] >= 0.98 and result["index_recall_users"] == 60
+
+
+def test_content_side_information_round_trips_and_shapes_item_vectors(tmp_path: Path):
+    """Fixed content vectors go through a learned map into the item table and travel in the checkpoint."""
+    content = torch.zeros(6, 4)
+    content[1:] = torch.randn(5, 4)
+    model = GRUSequenceModel(SequenceModelConfig(dim=8, hidden=8), n_items=5, content=content)
+    with torch.no_grad():
+        model.item_embedding.weight.zero_()  # only content is left to tell items apart
+    table = model.item_table()
+    torch.testing.assert_close(table[1:], model.content_projection(content[1:]))
+    encoder = SequenceEncoder(model, ["a", "b", "c", "d", "e"])
+    encoder.save(tmp_path)
+    loaded = SequenceEncoder.load(tmp_path)
+    np.testing.assert_allclose(loaded.scores([["a", "b"]]), encoder.scores([["a", "b"]]), atol=1e-6)
+    with pytest.raises(ValueError, match="content has 3 rows"):
+        GRUSequenceModel(SequenceModelConfig(dim=8, hidden=8), n_items=5, content=torch.zeros(3, 4))

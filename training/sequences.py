@@ -344,13 +344,14 @@ def train_model(
     train_config: TrainConfig,
     attribute_bag: tuple[int, torch.Tensor | None, torch.Tensor | None] = (0, None, None),
     progress: bool = True,
+    content: torch.Tensor | None = None,
 ) -> tuple[GRUSequenceModel, dict]:
     """Full-softmax next-item training with AdamW, early stopping on validation NDCG@10; returns the best
     model (by validation NDCG@10) and a summary (epochs, seconds per epoch, validation history)."""
     torch.set_num_threads(train_config.threads)
     rng = _seed_everything(train_config.seed)
     n_attributes, attribute_ids, attribute_offsets = attribute_bag
-    model = GRUSequenceModel(model_config, n_items, n_attributes, attribute_ids, attribute_offsets)
+    model = GRUSequenceModel(model_config, n_items, n_attributes, attribute_ids, attribute_offsets, content)
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
     )
@@ -415,6 +416,22 @@ def train_model(
     return model, summary
 
 
+def content_vectors(data_dir: Path, item_ids: Sequence[str], space: str = "fused") -> torch.Tensor:
+    """(n_items + 1, dim) the live collection's `space` vectors for the items (row 0 and missing: zero)."""
+    from index import EdgeStore
+    from training.ingest import ALIAS
+
+    with EdgeStore(Path(data_dir) / "index") as store:
+        index = store.open(ALIAS)
+        dim = index.spaces[space].dim
+        table = torch.zeros(len(item_ids) + 1, dim)
+        position = {pid: i + 1 for i, pid in enumerate(item_ids)}
+        for start in range(0, len(item_ids), 2048):
+            for record in index.get(item_ids[start : start + 2048], with_vectors=True):
+                table[position[record.product_id]] = torch.from_numpy(record.vectors[space])
+    return table
+
+
 def load_config_file(path: Path | None) -> tuple[SequenceModelConfig, TrainConfig]:
     """Defaults < YAML with `model:` and `train:` sections; unknown keys are errors naming the known ones."""
     if path is None:
@@ -438,18 +455,24 @@ def run_train_sequences(
     model_config: SequenceModelConfig | None = None,
     train_config: TrainConfig | None = None,
     progress: bool = True,
+    content_index: Path | None = None,
 ) -> dict:
-    """Train on the leave-one-out training part of `dataset`; write `out_dir/sequence_model.pt`."""
+    """Train on the leave-one-out training part of `dataset`; write `out_dir/sequence_model.pt`.
+
+    `content_index`: a data dir whose live collection holds the products; their `fused` vectors become
+    content side information (products not in it get a zero row)."""
     data, events = load_dataset(dataset)
     item_ids = item_vocabulary(data)
     split = leave_one_out(data, item_ids, events)
     model_config = model_config or SequenceModelConfig()
     train_config = replace(train_config or TrainConfig(), seed=seed)
     bag = attribute_bags(item_ids, load_item_attributes(attributes) if attributes else None)
-    model, summary = train_model(split, len(item_ids), model_config, train_config, bag, progress)
+    content = content_vectors(content_index, item_ids) if content_index else None
+    model, summary = train_model(split, len(item_ids), model_config, train_config, bag, progress, content)
     extra = {
         "dataset": str(dataset),
         "attributes": str(attributes) if attributes else None,
+        "content_index": str(content_index) if content_index else None,
         "train_config": asdict(train_config),
         "train": {k: v for k, v in summary.items() if k != "history"},
     }
