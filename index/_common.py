@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -216,13 +216,22 @@ def prepare_vector_updates(
     ]
 
 
-def unknown_products_error(collection: str, missing: Sequence[str]) -> UnknownProductError:
-    """The error for update_vectors on product ids that have no point."""
-    more = f" ({len(missing)} unknown ids, first ones {list(missing[:5])})" if len(missing) > 1 else ""
-    return UnknownProductError(
-        f"no product {missing[0]!r} in collection {collection!r}{more}; nothing was written. "
-        "update_vectors only adds vectors to existing points: upsert new products first"
-    )
+def require_points(collection: str, updates: Sequence, existing: Callable[[list[str]], set[str]]) -> None:
+    """Raise UnknownProductError (nothing written yet) unless every update's point exists.
+
+    Both engines write the known points of a vector-update request before failing on an unknown one,
+    so update_vectors checks ids first. `existing(point_ids)` returns the ids (as str) that exist."""
+    missing: list[str] = []
+    for start in range(0, len(updates), WRITE_BATCH):
+        batch = updates[start : start + WRITE_BATCH]
+        found = existing([u.point_id for u in batch])
+        missing += [u.product_id for u in batch if u.point_id not in found]
+    if missing:
+        more = f" ({len(missing)} unknown ids, first ones {list(missing[:5])})" if len(missing) > 1 else ""
+        raise UnknownProductError(
+            f"no product {missing[0]!r} in collection {collection!r}{more}; nothing was written. "
+            "update_vectors only adds vectors to existing points: upsert new products first"
+        )
 
 
 def check_query(

@@ -25,10 +25,10 @@ from ._common import (
     keyword_values,
     prepare_records,
     prepare_vector_updates,
+    require_points,
     spaces_from_json,
     spaces_to_json,
     to_hits,
-    unknown_products_error,
 )
 from .base import (
     PRODUCT_ID_KEY,
@@ -225,15 +225,9 @@ class EdgeIndex(VectorIndex):
 
     def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
         updates = prepare_vector_updates(self.name, self.spaces, vectors)
-        # The engine writes the known points of a request before it fails on an unknown one, so
-        # the ids are checked first: an unknown product must leave nothing written.
-        missing: list[str] = []
-        for start in range(0, len(updates), WRITE_BATCH):
-            batch = updates[start : start + WRITE_BATCH]
-            found = {str(rec.id) for rec in self.shard.retrieve([u.point_id for u in batch], False, False)}
-            missing += [u.product_id for u in batch if u.point_id not in found]
-        if missing:
-            raise unknown_products_error(self.name, missing)
+        require_points(
+            self.name, updates, lambda ids: {str(r.id) for r in self.shard.retrieve(ids, False, False)}
+        )
         for start in range(0, len(updates), WRITE_BATCH):
             batch = [
                 qe.PointVectors(u.point_id, u.vector_lists()) for u in updates[start : start + WRITE_BATCH]

@@ -21,10 +21,10 @@ from ._common import (
     keyword_values,
     prepare_records,
     prepare_vector_updates,
+    require_points,
     spaces_from_json,
     spaces_to_json,
     to_hits,
-    unknown_products_error,
 )
 from .base import (
     PRODUCT_ID_KEY,
@@ -132,20 +132,14 @@ class ServerIndex(VectorIndex):
 
     def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
         updates = prepare_vector_updates(self.name, self.spaces, vectors)
-        # Server and local mode both write the known points of a request before answering 404 /
-        # KeyError for an unknown one, so the ids are checked first: nothing is written then.
-        missing: list[str] = []
-        for start in range(0, len(updates), WRITE_BATCH):
-            batch = updates[start : start + WRITE_BATCH]
-            found = {
-                str(rec.id)
-                for rec in self.client.retrieve(
-                    self.name, [u.point_id for u in batch], with_payload=False, with_vectors=False
-                )
-            }
-            missing += [u.product_id for u in batch if u.point_id not in found]
-        if missing:
-            raise unknown_products_error(self.name, missing)
+        require_points(
+            self.name,
+            updates,
+            lambda ids: {
+                str(r.id)
+                for r in self.client.retrieve(self.name, ids, with_payload=False, with_vectors=False)
+            },
+        )
         for start in range(0, len(updates), WRITE_BATCH):
             batch = [
                 models.PointVectors(id=u.point_id, vector=u.vector_lists())
