@@ -10,7 +10,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from index import Filters, IndexStore, Record, VectorSpace
+from index import IndexStore, Record, VectorSpace
 from training.catalog import Skipped, load_catalog
 from training.vectors import EncoderConfig, ProductVectors, Towers, build_product_vectors
 
@@ -154,4 +154,4 @@ def run_ingest(
     )
 
 
-__all__ = ["ALIAS", "Filters", "IngestSummary", "run_ingest"]
+__all__ = ["ALIAS", "IngestSummary", "run_ingest"]
