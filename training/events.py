@@ -43,6 +43,10 @@ class Event:
                 raise EventError(f"event {self.event_id!r}: {name} must be a non-empty string, got {value!r}")
             if len(value) > MAX_ID_LENGTH:
                 raise EventError(f"event {self.event_id!r}: {name} is longer than {MAX_ID_LENGTH} characters")
+        for name in ("query", "request_id"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise EventError(f"event {self.event_id!r}: {name} must be a string, got {value!r}")
         if self.type not in EVENT_TYPES:
             raise EventError(
                 f"event {self.event_id!r}: type {self.type!r} is not one of {', '.join(EVENT_TYPES)}"
