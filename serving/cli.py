@@ -14,6 +14,7 @@ import yaml
 from training.catalog import DEFAULT_CATALOG
 
 DEFAULT_DATA_DIR = Path(os.environ.get("SHOPGUIDE_DATA_DIR", "data"))
+DEFAULT_SERVE_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve" / "shopguide.yaml"
 
 
 def _add_filters(parser: argparse.ArgumentParser) -> None:
@@ -184,6 +185,18 @@ def cmd_eval_catalog(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_eval_questions(args: argparse.Namespace) -> int:
+    from serving.eval_questions import print_question_table, run_question_eval
+
+    result = run_question_eval(args.catalog, args.data_dir, limit=args.limit, progress=True)
+    print_question_table(result)
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
 def cmd_train_sequences(args: argparse.Namespace) -> int:
     from training.sequences import load_config_file, run_train_sequences
 
@@ -272,6 +285,50 @@ def cmd_index_behavior(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_events_import(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from serving.event_store import SQLiteEventStore
+    from training.events import read_events
+
+    db = args.events_db or args.data_dir / "events.db"
+    accepted = duplicates = 0
+    batch: list = []
+    with SQLiteEventStore(db) as store, tqdm(desc="import events", unit="event") as bar:
+        for event in read_events(args.file):  # validated line by line; a bad line stops with its number
+            batch.append(event)
+            if len(batch) == 1000:
+                result = store.add(batch)
+                accepted, duplicates = accepted + result.accepted, duplicates + result.duplicates
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            result = store.add(batch)
+            accepted, duplicates = accepted + result.accepted, duplicates + result.duplicates
+            bar.update(len(batch))
+        total, users = store.count(), store.users()
+    print(
+        f"imported {accepted} events ({duplicates} already there) into {db}: {total} events, {users} shoppers"
+    )
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from serving.server import run_server
+
+    return run_server(
+        args.data_dir,
+        host=args.host,
+        port=args.port,
+        api_key=args.api_key,
+        no_api_key=args.no_api_key,
+        config=args.config,
+        qdrant_url=args.qdrant_url,
+        sequence_model=args.sequence_model,
+        use_ray=not args.no_ray,
+    )
+
+
 def cmd_encoders(args: argparse.Namespace) -> int:
     from encoders import list_image_encoders, list_text_encoders
 
@@ -346,6 +403,12 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
     e.add_argument("--json", type=Path, help="write the metrics here")
     e.set_defaults(func=cmd_eval_catalog)
+    e = eval_sub.add_parser("questions", help="attribute queries phrased as shopper questions: raw vs parsed")
+    e.add_argument("--catalog", type=Path, default=DEFAULT_CATALOG)
+    e.add_argument("--limit", type=int)
+    e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    e.add_argument("--json", type=Path, help="write the metrics here")
+    e.set_defaults(func=cmd_eval_questions)
     e = eval_sub.add_parser("sequences", help="leave-one-out HR/NDCG@5/10/20 vs baselines and published")
     e.add_argument("--dataset", type=Path, required=True)
     e.add_argument("--model", type=Path, required=True, help="folder written by `train sequences`")
@@ -383,6 +446,40 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", type=Path, required=True, help="a `shopguide train sequences` folder")
     _add_store(b)
     b.set_defaults(func=cmd_index_behavior)
+
+    p = sub.add_parser("events", help="the event store")
+    ev_sub = p.add_subparsers(dest="what", required=True)
+    m = ev_sub.add_parser("import", help="load events (JSON lines, e.g. simulated sessions) into the store")
+    m.add_argument("file", type=Path, help="events as JSON lines (the schema of POST /events)")
+    m.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    m.add_argument("--events-db", type=Path, help="default: DATA_DIR/events.db (what `serve` reads)")
+    m.set_defaults(func=cmd_events_import)
+
+    p = sub.add_parser("serve", help="the HTTP API on Ray Serve (similar, feed, search, events)")
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="what `shopguide ingest` wrote")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key",
+        help="key for POST /events and DELETE /users (default: $SHOPGUIDE_API_KEY, else generated)",
+    )
+    p.add_argument("--no-api-key", action="store_true", help="leave writes open (local experiments only)")
+    p.add_argument(
+        "--config",
+        type=Path,
+        default=DEFAULT_SERVE_CONFIG,
+        help="Ray Serve config; its `deployments:` set replicas and batching",
+    )
+    p.add_argument("--qdrant-url", help="a Qdrant server instead of the embedded index")
+    p.add_argument(
+        "--sequence-model",
+        type=Path,
+        help="GRU user encoder folder (default: DATA_DIR/models/sequence if present)",
+    )
+    p.add_argument("--no-ray", action="store_true", help="one process with uvicorn instead of Ray Serve")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("encoders", help="list the registered encoders")
     p.set_defaults(func=cmd_encoders)

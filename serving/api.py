@@ -1,0 +1,606 @@
+"""The HTTP API (FastAPI): routes, request/response schemas, errors, auth and metrics over a Backend.
+
+The app never touches models or the index itself: it calls a `Backend`, which is either plain objects
+in this process (`LocalBackend`, for tests and a single process) or Ray Serve deployment handles
+(`serving.deployments`). So every route is tested without Ray, and Ray only adds the process layout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hmac
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import anyio
+import numpy as np
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.routing import Match
+
+from index import KEYWORD_FIELDS, Filters, UnknownProductError
+from serving.query import QueryParser
+from serving.recommend import BadRequestError, NotFoundError
+from serving.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
+from training.events import EventError
+
+log = logging.getLogger("shopguide.api")
+
+MAX_EVENTS_PER_REQUEST = 1000
+MAX_EVENTS_BODY_BYTES = 2 * 1024 * 1024
+MAX_QUERY_CHARS = 1000  # longer queries are refused with 422, not truncated silently
+VOCABULARY_TTL_S = 300.0  # the query parser re-reads catalog values this often (catalog updates)
+MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the photo in a multipart body
+
+
+class Backend(Protocol):
+    """What the routes need: recommender methods, and raw features from the two query encoders."""
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any: ...
+
+    async def text_features(self, text: str) -> np.ndarray: ...
+
+    async def image_features(self, image: Any) -> np.ndarray: ...
+
+
+class LocalBackend:
+    """A Backend over plain objects in this process; blocking work runs in worker threads."""
+
+    def __init__(self, recommender: Any, text_encoder: Any = None, image_encoder: Any = None) -> None:
+        self.recommender = recommender
+        self.text_encoder = text_encoder
+        self.image_encoder = image_encoder
+
+    async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
+        return await anyio.to_thread.run_sync(
+            functools.partial(getattr(self.recommender, method), *args, **kwargs)
+        )
+
+    async def text_features(self, text: str) -> np.ndarray:
+        return await anyio.to_thread.run_sync(lambda: self.text_encoder.encode_texts([text])[0])
+
+    async def image_features(self, image: Any) -> np.ndarray:
+        return await anyio.to_thread.run_sync(lambda: self.image_encoder.encode_images([image])[0])
+
+
+@dataclass
+class ApiSettings:
+    """Settings of the HTTP layer."""
+
+    api_key: str | None = None  # required on writes when set (Authorization: Bearer KEY)
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+
+
+# ---- schemas ---------------------------------------------------------------------------------------
+class ItemOut(BaseModel):
+    product_id: str
+    score: float
+    title: str | None
+    image_url: str
+    price: float | None = None
+    in_stock: bool | None = None
+    reasons: list[str]
+
+
+class Understood(BaseModel):
+    filters: dict[str, Any]
+    query: str
+    matched: dict[str, list[str]] = {}
+    corrections: dict[str, str] = {}
+
+
+class RecommendationOut(BaseModel):
+    request_id: str
+    model_version: str
+    mode: str | None = None
+    user_id: str | None = None
+    personalized: bool | None = None
+    understood: Understood | None = None
+    items: list[ItemOut]
+
+
+class EventIn(BaseModel):
+    """One shopper event (see training.events.Event)."""
+
+    model_config = ConfigDict(extra="forbid")
+    # Strict: JSON true must not become the id 1 (numeric ids are accepted and stored as strings).
+    event_id: StrictStr | StrictInt
+    user_id: StrictStr | StrictInt
+    product_id: StrictStr | StrictInt | None = None
+    type: Literal["view", "click", "cart", "purchase", "search"]
+    query: str | None = None
+    request_id: str | None = None
+    ts: float | None = None
+
+
+class EventsIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class EventsAccepted(BaseModel):
+    accepted: int
+    duplicates: int
+
+
+class ErrorOut(BaseModel):
+    error: str
+    detail: Any = None
+
+
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 503)
+}
+
+
+# ---- metrics ---------------------------------------------------------------------------------------
+class Metrics:
+    """Prometheus metrics of one app instance (its own registry, so tests and replicas never collide)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter(
+            "shopguide_requests", "HTTP requests", ["route", "method", "status"], registry=self.registry
+        )
+        self.latency = Histogram(
+            "shopguide_request_seconds",
+            "HTTP request latency",
+            ["route"],
+            buckets=(0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
+            registry=self.registry,
+        )
+        self.errors = Counter("shopguide_errors", "HTTP 5xx responses", ["route"], registry=self.registry)
+        self.products = Gauge(
+            "shopguide_index_products", "products in the live collection", registry=self.registry
+        )
+        self.events = Gauge("shopguide_events", "stored shopper events", registry=self.registry)
+        self.models = Gauge(
+            "shopguide_model_info",
+            "model versions served (value 1)",
+            ["component", "version"],
+            registry=self.registry,
+        )
+
+
+# ---- helpers ---------------------------------------------------------------------------------------
+def _message(exc: BaseException) -> str:
+    # Exceptions raised in a Ray replica arrive wrapped; their str() is a remote traceback. The
+    # original exception (with the message meant for the caller) is on `.cause`.
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    if isinstance(exc, KeyError) and exc.args:
+        return str(exc.args[0])
+    return str(exc)
+
+
+def _error(status: int, error: str, detail: Any = None, headers: dict | None = None) -> JSONResponse:
+    return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
+
+
+def filters_from(
+    gender: list[str] = Query([], description="repeatable, e.g. gender=Men&gender=Unisex"),
+    masterCategory: list[str] = Query([]),  # noqa: N803 - catalog column names, kept verbatim
+    subCategory: list[str] = Query([]),  # noqa: N803
+    articleType: list[str] = Query([]),  # noqa: N803
+    baseColour: list[str] = Query([]),  # noqa: N803
+    min_price: float | None = Query(None, ge=0, allow_inf_nan=False),
+    max_price: float | None = Query(None, ge=0, allow_inf_nan=False),
+    in_stock: bool | None = Query(None),
+) -> Filters:
+    return Filters(
+        gender=tuple(gender),
+        masterCategory=tuple(masterCategory),
+        subCategory=tuple(subCategory),
+        articleType=tuple(articleType),
+        baseColour=tuple(baseColour),
+        min_price=min_price,
+        max_price=max_price,
+        in_stock=in_stock,
+    )
+
+
+LIKE_MARKER = "<like>"  # serving.query marks filters taken from the `like` product with this "word"
+FILTER_NAMES = {
+    "baseColour": "colour",
+    "articleType": "type",
+    "subCategory": "category",
+    "masterCategory": "category",
+}
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == "min_price":
+        return f"price from {value:g}"
+    if key == "max_price":
+        return f"price up to {value:g}"
+    if key == "in_stock":
+        return "in stock" if value else "out of stock"
+    return f"{FILTER_NAMES.get(key, key)} {', '.join(value)}"
+
+
+def applied_filters(
+    explicit: Filters, parsed: Any, like_title: str | None
+) -> tuple[Filters, dict, list[str]]:
+    """The filters a search applies: request parameters win over what was understood in the query.
+
+    Returns (filters, their JSON form for `understood.filters`, one reason per applied filter saying
+    where it came from), so the response never describes a filter it did not apply."""
+    values: dict[str, Any] = {}
+    reasons: list[str] = []
+    for key in (*KEYWORD_FIELDS, "min_price", "max_price", "in_stock"):
+        given = getattr(explicit, key)
+        if given not in ((), None):
+            values[key] = given
+            reasons.append(f"{_describe(key, given)} (your filter)")
+            continue
+        found = parsed.filters.get(key)
+        if found in (None, [], ()):
+            continue
+        values[key] = tuple(found) if isinstance(found, list) else found
+        words = parsed.matched.get(key, [])
+        origin = f"like {like_title}" if words == [LIKE_MARKER] else f"you asked for {' '.join(words)!r}"
+        reasons.append(f"{_describe(key, values[key])} ({origin})")
+    shown = {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+    return Filters(**values), shown, reasons
+
+
+def _parse_exclude(exclude: str | None) -> tuple[str, ...]:
+    if not exclude:
+        return ()
+    ids = tuple(part.strip() for part in exclude.split(",") if part.strip())
+    if len(ids) > 1000:
+        raise BadRequestError("exclude holds more than 1000 product ids")
+    return ids
+
+
+def _route_label(request: Request) -> str:
+    """The route template ("/products/{product_id}/similar"): bounded label values for metrics."""
+    route = request.scope.get("route")
+    if route is None:  # answered before routing (e.g. a refused body): find the route it was meant for
+        for candidate in request.app.router.routes:
+            if candidate.matches(request.scope)[0] == Match.FULL:
+                route = candidate
+                break
+    return getattr(route, "path", "unmatched")
+
+
+# ---- the app ---------------------------------------------------------------------------------------
+def create_app(backend: Backend | None = None, settings: ApiSettings | None = None) -> FastAPI:
+    """The shopguide HTTP API. `backend` may be attached later as `app.state.backend` (Ray ingress)."""
+    settings = settings or ApiSettings()
+    app = FastAPI(
+        title="shopguide",
+        version="1",
+        description="Similar items, personalized feeds, text and image search, and shopper events.",
+    )
+    app.state.backend = backend
+    app.state.settings = settings
+    metrics = Metrics()
+    parser_state: dict[str, Any] = {"parser": None, "loaded": 0.0}
+    parser_lock = asyncio.Lock()
+    bearer = HTTPBearer(auto_error=False, description="the server's API key")
+
+    def get_backend(request: Request) -> Backend:
+        found = request.app.state.backend
+        if found is None:
+            raise StarletteHTTPException(503, "the recommender is starting; retry shortly")
+        return found
+
+    async def require_key(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        key = app.state.settings.api_key
+        if not key:
+            return
+        if credentials is None:
+            raise StarletteHTTPException(
+                401,
+                "this endpoint needs `Authorization: Bearer <API key>`",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        # Constant-time comparison: response time must not reveal how much of a guess was right.
+        if not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
+            raise StarletteHTTPException(403, "the API key is not valid")
+
+    async def query_parser(backend: Backend) -> QueryParser:
+        async with parser_lock:
+            if parser_state["parser"] is None or time.monotonic() - parser_state["loaded"] > VOCABULARY_TTL_S:
+                payloads = await backend.call("payloads")
+                parser_state["parser"] = await anyio.to_thread.run_sync(QueryParser.from_payloads, payloads)
+                parser_state["loaded"] = time.monotonic()
+        return parser_state["parser"]
+
+    # ---- middleware and errors ---------------------------------------------------------------------
+    @app.middleware("http")
+    async def limit_bodies(request: Request, call_next):
+        # Registered before `observe`, so it runs inside it and refused bodies are counted too.
+        # Refuse oversized bodies from their declared length, before anything reads them.
+        length = request.headers.get("content-length")
+        limit = MAX_EVENTS_BODY_BYTES if request.url.path == "/events" else None
+        if request.url.path == "/search/image":
+            limit = app.state.settings.max_upload_bytes + MULTIPART_OVERHEAD
+        if limit is not None and length is not None and length.isdigit() and int(length) > limit:
+            return _error(
+                413, "request too large", f"the body is {int(length):,} bytes; the limit is {limit:,}"
+            )
+        return await call_next(request)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        started = time.perf_counter()
+        try:
+            response = await call_next(request)
+        except Exception:  # noqa: BLE001 - turned into a JSON 500 with an id to find it in the log
+            error_id = uuid.uuid4().hex[:12]
+            log.exception("unhandled error %s on %s %s", error_id, request.method, request.url.path)
+            response = _error(500, "internal error", f"error id {error_id}; the server log has the details")
+        route = _route_label(request)
+        metrics.requests.labels(route, request.method, str(response.status_code)).inc()
+        metrics.latency.labels(route).observe(time.perf_counter() - started)
+        if response.status_code >= 500:
+            metrics.errors.labels(route).inc()
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def on_validation(request: Request, exc: RequestValidationError):
+        problems = []
+        malformed = False
+        for err in exc.errors():
+            malformed |= err.get("type") == "json_invalid"
+            where = ".".join(str(part) for part in err.get("loc", ()))
+            problems.append(f"{where}: {err.get('msg')}")
+        if malformed:
+            return _error(400, "malformed JSON", problems)
+        return _error(422, "invalid request", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http(request: Request, exc: StarletteHTTPException):
+        names = {401: "unauthorized", 403: "forbidden", 404: "not found", 405: "method not allowed"}
+        return _error(
+            exc.status_code, names.get(exc.status_code, "error"), exc.detail, getattr(exc, "headers", None)
+        )
+
+    @app.exception_handler(BadRequestError)
+    @app.exception_handler(EventError)
+    async def on_bad_request(request: Request, exc: Exception):
+        return _error(422, "invalid request", _message(exc))
+
+    @app.exception_handler(NotFoundError)
+    @app.exception_handler(UnknownProductError)
+    async def on_not_found(request: Request, exc: Exception):
+        return _error(404, "not found", _message(exc))
+
+    @app.exception_handler(UploadError)
+    async def on_upload(request: Request, exc: UploadError):
+        names = {413: "upload too large", 415: "not an image", 422: "unreadable image"}
+        return _error(exc.status, names.get(exc.status, "bad upload"), _message(exc))
+
+    # ---- routes ------------------------------------------------------------------------------------
+    @app.get("/healthz", tags=["ops"])
+    async def healthz(backend: Backend = Depends(get_backend)) -> dict:
+        """Liveness of the whole path: the recommender answers with its index size and model versions."""
+        stats = await backend.call("stats")
+        return {"status": "ok", **stats}
+
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    async def prometheus(backend: Backend = Depends(get_backend)) -> Response:
+        """Prometheus text: requests and latency per route, 5xx errors, index size, model versions."""
+        stats = await backend.call("stats")
+        metrics.products.set(stats["products"])
+        metrics.events.set(stats["events"])
+        metrics.models.clear()
+        for component, version in stats["model_versions"].items():
+            metrics.models.labels(component, version).set(1)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/products/{product_id}", tags=["catalog"], responses=ERROR_RESPONSES)
+    async def product(product_id: str, backend: Backend = Depends(get_backend)) -> dict:
+        """The product's attributes (title, price, stock, category, colour, ...)."""
+        return await backend.call("product", product_id)
+
+    @app.get(
+        "/products/{product_id}/image",
+        tags=["catalog"],
+        responses=ERROR_RESPONSES,
+        response_class=FileResponse,
+    )
+    async def product_image(product_id: str, backend: Backend = Depends(get_backend)) -> FileResponse:
+        """The product photo (JPEG)."""
+        path = await backend.call("image_path", product_id)
+        return FileResponse(path, media_type="image/jpeg")
+
+    @app.get(
+        "/products/{product_id}/similar",
+        tags=["recommendations"],
+        response_model=RecommendationOut,
+        responses=ERROR_RESPONSES,
+    )
+    async def similar(
+        product_id: str,
+        k: int = Query(10, ge=1, le=1000),
+        mode: Literal["fused", "image", "text", "behavior"] = "fused",
+        diversity: float = Query(0.0, ge=0, le=1),
+        exclude: str | None = Query(None, description="comma-separated product ids to leave out"),
+        filters: Filters = Depends(filters_from),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """Products similar to this one (look and description, look, description, or co-engagement)."""
+        return await backend.call("similar", product_id, k, mode, diversity, _parse_exclude(exclude), filters)
+
+    @app.get("/search", tags=["search"], response_model=RecommendationOut, responses=ERROR_RESPONSES)
+    async def search(
+        q: str = Query("", max_length=MAX_QUERY_CHARS, description="a query or a question"),
+        k: int = Query(10, ge=1, le=1000),
+        mode: Literal["fused", "image", "text"] = "fused",
+        like: str | None = Query(None, description="a product id: 'something like this but in blue'"),
+        diversity: float = Query(0.0, ge=0, le=1),
+        filters: Filters = Depends(filters_from),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """Text search that understands attribute words and price phrases (`understood` says how)."""
+        if not q.strip() and like is None:
+            raise BadRequestError("give a query `q` (or a product id in `like`)")
+        parser = await query_parser(backend)
+        like_payload = await backend.call("product", like) if like else None
+        understood = parser.parse(q, like=like_payload)
+        like_title = like_payload.get("title", like) if like_payload else None
+        merged, shown, filter_reasons = applied_filters(filters, understood, like_title)
+        # With every word turned into a filter, the semantic query is the phrase of the filters actually
+        # applied (a request parameter may have replaced one the words asked for).
+        text = understood.remainder.strip() or QueryParser.canonical_phrase(shown, understood.matched)
+        understood_dict = {
+            "filters": shown,
+            "query": text,
+            "matched": {
+                key: [f"like {like}" if w == LIKE_MARKER else w for w in words]
+                for key, words in understood.matched.items()
+            },
+            "corrections": understood.corrections,
+        }
+        features = await backend.text_features(text) if text else None
+        reasons = [f"matches your search {text!r}"] if text else []
+        if like is not None:
+            reasons.insert(0, f"like {like_title}")
+        reasons += filter_reasons
+        return await backend.call(
+            "search",
+            k=k,
+            mode=mode,
+            filters=merged,
+            diversity=diversity,
+            reasons=reasons,
+            understood=understood_dict,
+            text_features=features,
+            like=like,
+        )
+
+    @app.post(
+        "/search/image",
+        tags=["search"],
+        response_model=RecommendationOut,
+        responses=ERROR_RESPONSES,
+        openapi_extra={
+            "requestBody": {
+                "required": True,
+                "content": {
+                    "multipart/form-data": {
+                        "schema": {
+                            "type": "object",
+                            "required": ["image"],
+                            "properties": {"image": {"type": "string", "format": "binary"}},
+                        }
+                    }
+                },
+            }
+        },
+    )
+    async def search_image(
+        request: Request,
+        k: int = Query(10, ge=1, le=1000),
+        mode: Literal["fused", "image", "text"] = "fused",
+        diversity: float = Query(0.0, ge=0, le=1),
+        filters: Filters = Depends(filters_from),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """Photo search: multipart field `image` (JPEG, PNG, GIF, BMP, WEBP; at most 10 MB)."""
+        data = await _read_photo(request, app.state.settings.max_upload_bytes)
+        image = await anyio.to_thread.run_sync(decode_upload, data, app.state.settings.max_upload_bytes)
+        features = await backend.image_features(image)
+        return await backend.call(
+            "search",
+            k=k,
+            mode=mode,
+            filters=filters,
+            diversity=diversity,
+            reasons=["looks like your photo"],
+            image_features=features,
+        )
+
+    @app.get(
+        "/users/{user_id}/feed",
+        tags=["recommendations"],
+        response_model=RecommendationOut,
+        responses=ERROR_RESPONSES,
+    )
+    async def feed(
+        user_id: str,
+        k: int = Query(10, ge=1, le=1000),
+        diversity: float = Query(0.0, ge=0, le=1),
+        filters: Filters = Depends(filters_from),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """The shopper's personalized feed (cold start for a shopper with no events); purchases excluded."""
+        return await backend.call("feed", user_id, k, diversity, filters)
+
+    @app.post(
+        "/events",
+        tags=["events"],
+        response_model=EventsAccepted,
+        responses=ERROR_RESPONSES,
+        dependencies=[Depends(require_key)],
+    )
+    async def post_events(request: Request, body: EventsIn, backend: Backend = Depends(get_backend)) -> dict:
+        """Record shopper events; idempotent by event_id, durable once acknowledged."""
+        events = [event.model_dump(exclude_unset=True) for event in body.events]
+        return await backend.call("add_events", events)
+
+    @app.get("/users/{user_id}/events", tags=["events"], responses=ERROR_RESPONSES)
+    async def user_events(
+        user_id: str, limit: int = Query(50, ge=1, le=10_000), backend: Backend = Depends(get_backend)
+    ) -> dict:
+        """The shopper's stored events, newest first."""
+        return await backend.call("user_events", user_id, limit)
+
+    @app.delete(
+        "/users/{user_id}", tags=["events"], responses=ERROR_RESPONSES, dependencies=[Depends(require_key)]
+    )
+    async def delete_user(user_id: str, backend: Backend = Depends(get_backend)) -> dict:
+        """Forget a shopper: their events, history and cached vectors."""
+        return await backend.call("delete_user", user_id)
+
+    return app
+
+
+async def _read_photo(request: Request, max_bytes: int) -> bytes:
+    """The `image` part of a multipart body, reading at most max_bytes (+ multipart overhead)."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.startswith("multipart/form-data"):
+        raise UploadError(415, "send the photo as multipart/form-data with the field `image`")
+    limit = max_bytes + MULTIPART_OVERHEAD
+    received = 0
+
+    async def bounded() -> AsyncIterator[bytes]:
+        nonlocal received
+        async for chunk in request.stream():
+            received += len(chunk)
+            if received > limit:  # a chunked upload without Content-Length: stop reading here
+                raise UploadError(413, f"the upload is over the limit of {max_bytes:,} bytes")
+            yield chunk
+
+    try:
+        form = await MultiPartParser(request.headers, bounded(), max_files=1, max_fields=10).parse()
+    except MultiPartException as exc:
+        raise UploadError(422, f"malformed multipart body: {exc.message}") from None
+    upload = form.get("image")
+    if upload is None or isinstance(upload, str):
+        raise UploadError(422, "the multipart body has no file field `image`")
+    data = await upload.read()
+    await upload.close()
+    return data

@@ -1,0 +1,568 @@
+"""Recommendation logic as plain functions over the index and the event store (no Ray, no HTTP).
+
+Every method returns JSON-ready dicts, so the same object serves the FastAPI app directly (tests, a
+single process) and inside a Ray Serve deployment.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from encoders.alignment import AlignmentHeads
+from index import KEYWORD_FIELDS, Filters, Hit, IndexStore
+from serving.event_store import EventStore
+from serving.search import MODES, check_k, load_heads_for
+from training.events import Event, EventError
+from training.ingest import ALIAS, MANIFEST
+
+SIMILAR_MODES = (*MODES, "behavior")
+DIVERSITY_SPACE = "fused"  # diversity is judged on look + description, what a shopper perceives as "samey"
+FEED_WEIGHTS = {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 4.0}  # content fallback only
+VERBS = {"view": "viewed", "click": "clicked", "cart": "added to your cart", "purchase": "bought"}
+MODE_REASON = {
+    "fused": "looks and reads like",
+    "image": "looks like",
+    "text": "described like",
+    "behavior": "shoppers who engaged with it also engaged with",
+}
+FILLED = "filled: not enough matches"
+USER_CACHE_SIZE = 100_000
+
+
+class BadRequestError(ValueError):
+    """Input a caller can fix (an unknown filter value, a bad mode, an unknown product in an event)."""
+
+
+class NotFoundError(KeyError):
+    """A product or user the request names does not exist."""
+
+    def __str__(self) -> str:
+        return str(self.args[0]) if self.args else "not found"
+
+
+@dataclass
+class RecommenderConfig:
+    """Live knobs of the recommender (YAML `user_config`, changeable without a restart)."""
+
+    candidates_per_item: int = 4  # diversity re-ranks this many candidates per requested item
+    feed_history: int = 50  # most recent events the feed reads (the GRU's max_len caps it too)
+    exclude_seen: bool = True  # the feed leaves out products already in the history window
+    trending_days: float = 7.0  # cold start: popular over this window, all time if it is empty
+    behavior_hnsw_ef: int = 256  # see training.behavior.BEHAVIOR_HNSW_EF
+
+    @classmethod
+    def from_dict(cls, data: dict | None) -> RecommenderConfig:
+        data = dict(data or {})
+        unknown = sorted(set(data) - set(cls.__dataclass_fields__))
+        if unknown:
+            raise ValueError(
+                f"unknown recommender setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
+            )
+        return cls(**data)
+
+
+@dataclass
+class _Pick:
+    """One chosen item while a response is assembled."""
+
+    product_id: str
+    score: float
+    payload: dict
+    reasons: list[str] = field(default_factory=list)
+
+
+def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
+    """Maximal marginal relevance (Carbonell & Goldstein, 1998): greedily pick the candidate with the
+    best (1 - diversity) * relevance - diversity * max similarity to what is already picked.
+
+    relevance: (n,) scores, rescaled to [0, 1] here so both terms are comparable whatever the space.
+    vectors: (n, d) unit rows. Returns candidate positions in pick order (at most k)."""
+    n = len(relevance)
+    if n == 0:
+        return []
+    span = float(relevance.max() - relevance.min())
+    rel = (relevance - relevance.min()) / span if span > 0 else np.ones(n)
+    picked: list[int] = []
+    max_sim = np.full(n, -np.inf)
+    available = np.ones(n, dtype=bool)
+    for _ in range(min(k, n)):
+        penalty = np.where(np.isfinite(max_sim), max_sim, 0.0)
+        gain = (1 - diversity) * rel - diversity * penalty
+        gain[~available] = -np.inf
+        best = int(np.argmax(gain))
+        picked.append(best)
+        available[best] = False
+        max_sim = np.maximum(max_sim, vectors @ vectors[best])
+    return picked
+
+
+class Recommender:
+    """Owns the live collection, the event store and (optionally) the GRU user encoder."""
+
+    def __init__(
+        self,
+        data_dir: Path,
+        store: IndexStore,
+        events: EventStore,
+        sequence_model: Path | None = None,
+        config: RecommenderConfig | None = None,
+    ) -> None:
+        manifest_path = data_dir / MANIFEST
+        if not manifest_path.is_file():
+            raise FileNotFoundError(
+                f"no index in {data_dir}: run `shopguide ingest --data-dir {data_dir}` first"
+            )
+        self.data_dir = data_dir
+        self.manifest = json.loads(manifest_path.read_text())
+        self.catalog_dir = Path(self.manifest["catalog"]) if self.manifest.get("catalog") else None
+        self.store = store
+        self.index = store.open(ALIAS)
+        self.heads: AlignmentHeads = load_heads_for(data_dir, self.index.spaces["image"].encoder)
+        self.events = events
+        self.config = config or RecommenderConfig()
+        self._lock = threading.Lock()  # index writes and cache updates; searches run concurrently
+        self._user_cache: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
+        self.sequence = None
+        if sequence_model is not None:
+            self._load_sequence_model(sequence_model)
+        self._vocabulary = self._read_vocabulary()
+
+    # ---- setup -------------------------------------------------------------------------------------
+    def _load_sequence_model(self, path: Path) -> None:
+        from encoders.sequence import SequenceEncoder
+        from training.behavior import upsert_behavior_vectors
+
+        encoder = SequenceEncoder.load(path)
+        # The served model's item vectors must be the ones in the index; writing them here (the server
+        # owns the index) makes a freshly trained model servable with one command.
+        upsert_behavior_vectors(self.index, encoder)
+        self.sequence = encoder
+
+    def _read_vocabulary(self) -> dict[str, list[str]]:
+        values: dict[str, set[str]] = {key: set() for key in KEYWORD_FIELDS}
+        for payload in self.payloads():
+            for key in KEYWORD_FIELDS:
+                if payload.get(key):
+                    values[key].add(payload[key])
+        return {key: sorted(v) for key, v in values.items()}
+
+    def payloads(self, batch: int = 2048) -> list[dict]:
+        """Every product's payload (with its product_id), for the query vocabulary."""
+        ids = list(self.index.product_ids())
+        out = []
+        for start in range(0, len(ids), batch):
+            out.extend(
+                {**r.payload, "product_id": r.product_id} for r in self.index.get(ids[start : start + batch])
+            )
+        return out
+
+    def vocabulary(self) -> dict[str, list[str]]:
+        return self._vocabulary
+
+    def reconfigure(self, config: dict | None) -> None:
+        self.config = RecommenderConfig.from_dict(config)
+
+    # ---- versions and health -----------------------------------------------------------------------
+    def model_versions(self) -> dict[str, str]:
+        versions = {name: space.encoder for name, space in self.index.spaces.items()}
+        versions["collection"] = self.index.name
+        versions["user_encoder"] = (
+            self.index.spaces["behavior"].encoder if self.sequence else "content-fallback"
+        )
+        return versions
+
+    def stats(self) -> dict:
+        return {
+            "products": self.index.count(),
+            "collection": self.index.name,
+            "events": self.events.count(),
+            "users": self.events.users(),
+            "model_versions": self.model_versions(),
+        }
+
+    # ---- checks ------------------------------------------------------------------------------------
+    def check_filters(self, filters: Filters) -> Filters:
+        """Unknown keyword values are errors that list the known ones, never a silently empty result."""
+        for key in KEYWORD_FIELDS:
+            for value in getattr(filters, key):
+                if value not in self._vocabulary[key]:
+                    known = ", ".join(self._vocabulary[key][:40])
+                    raise BadRequestError(f"unknown {key} {value!r}; known values: {known}")
+        if (
+            filters.min_price is not None
+            and filters.max_price is not None
+            and filters.min_price > filters.max_price
+        ):
+            raise BadRequestError(f"min_price {filters.min_price} is above max_price {filters.max_price}")
+        return filters
+
+    def product(self, product_id: str) -> dict:
+        found = self.index.get([product_id])
+        if not found:
+            raise NotFoundError(f"product {product_id!r} is not in the catalog")
+        return {"product_id": product_id, **found[0].payload}
+
+    def image_path(self, product_id: str) -> Path:
+        """The product's photo on disk; only for products in the index (so ids never become paths)."""
+        self.product(product_id)
+        if self.catalog_dir is None:
+            raise NotFoundError(f"the index in {self.data_dir} does not record its catalog folder")
+        path = self.catalog_dir / "images" / f"{product_id}.jpg"
+        if path.resolve().parent != (self.catalog_dir / "images").resolve() or not path.is_file():
+            raise NotFoundError(f"no photo for product {product_id!r}")
+        return path
+
+    # ---- ranking helpers ---------------------------------------------------------------------------
+    def _rank(
+        self,
+        space: str,
+        vector: np.ndarray,
+        k: int,
+        filters: Filters,
+        exclude: Sequence[str],
+        diversity: float,
+        hnsw_ef: int | None = None,
+    ) -> list[Hit]:
+        """Top-k in one space; with diversity > 0, MMR over a wider candidate set."""
+        if not 0 <= diversity <= 1:
+            raise BadRequestError(f"diversity must be between 0 and 1, got {diversity}")
+        if diversity == 0:
+            return self.index.search(space, vector, k, filters, exclude_ids=tuple(exclude), hnsw_ef=hnsw_ef)
+        wide = min(max(k * self.config.candidates_per_item, k), 4000)
+        hits = self.index.search(space, vector, wide, filters, exclude_ids=tuple(exclude), hnsw_ef=hnsw_ef)
+        if len(hits) <= 1:
+            return hits
+        records = {r.product_id: r for r in self.index.get([h.product_id for h in hits], with_vectors=True)}
+        usable = [h for h in hits if DIVERSITY_SPACE in records.get(h.product_id, _EMPTY).vectors]
+        vectors = np.stack([records[h.product_id].vectors[DIVERSITY_SPACE] for h in usable])
+        order = mmr_order(np.array([h.score for h in usable]), vectors, k, diversity)
+        return [usable[i] for i in order]
+
+    def _backfill(self, picks: list[_Pick], k: int, filters: Filters, exclude: set[str]) -> None:
+        """Top up to k with trending products passing the filters, each labelled as filler."""
+        if len(picks) >= k:
+            return
+        taken = exclude | {p.product_id for p in picks}
+        for hit in self._popular(k - len(picks), filters, taken):
+            picks.append(_Pick(hit.product_id, 0.0, hit.payload, [FILLED]))
+
+    def _popular(self, k: int, filters: Filters, exclude: set[str]) -> list[Hit]:
+        """Products by event popularity that pass the filters, then any passing products (index order)."""
+        out: list[Hit] = []
+        seen = set(exclude)
+        # Ask for more than k: many popular products may fail the filters.
+        for want in (k * 10, k * 100):
+            ranked = [pid for pid, _ in self.events.popular(limit=want) if pid not in seen]
+            for record in self.index.get(ranked):
+                if filters.matches(record.payload) and record.product_id not in seen:
+                    out.append(Hit(record.product_id, 0.0, record.payload))
+                    seen.add(record.product_id)
+                    if len(out) >= k:
+                        return out
+        if len(out) < k:  # no events yet, or too few popular matches: any products passing the filters
+            probe = np.zeros(self.index.spaces["fused"].dim, dtype=np.float32)
+            probe[0] = 1.0
+            for hit in self.index.search("fused", probe, k - len(out), filters, exclude_ids=tuple(seen)):
+                out.append(hit)
+        return out
+
+    def _respond(self, picks: list[_Pick], model_version: str, **extra) -> dict:
+        return {
+            "request_id": uuid.uuid4().hex,
+            "model_version": model_version,
+            **extra,
+            "items": [
+                {
+                    "product_id": p.product_id,
+                    "score": round(float(p.score), 6),
+                    "title": p.payload.get("title"),
+                    "image_url": f"/products/{p.product_id}/image",
+                    "price": p.payload.get("price"),
+                    "in_stock": p.payload.get("in_stock"),
+                    "reasons": p.reasons,
+                }
+                for p in picks
+            ],
+        }
+
+    # ---- similar items -----------------------------------------------------------------------------
+    def similar(
+        self,
+        product_id: str,
+        k: int = 10,
+        mode: str = "fused",
+        diversity: float = 0.0,
+        exclude: Sequence[str] = (),
+        filters: Filters | None = None,
+    ) -> dict:
+        """Products like `product_id` in one space; exactly k when at least k products pass the filters."""
+        check_k(k)
+        if mode not in SIMILAR_MODES:
+            raise BadRequestError(f"unknown mode {mode!r}; use one of {', '.join(SIMILAR_MODES)}")
+        filters = self.check_filters(filters or Filters())
+        found = self.index.get([product_id], with_vectors=True)
+        if not found:
+            raise NotFoundError(f"product {product_id!r} is not in the catalog")
+        source = found[0]
+        title = source.payload.get("title", product_id)
+        excluded = {product_id, *exclude}
+        picks: list[_Pick] = []
+        if mode in source.vectors:
+            hnsw_ef = self.config.behavior_hnsw_ef if mode == "behavior" else None
+            for hit in self._rank(mode, source.vectors[mode], k, filters, list(excluded), diversity, hnsw_ef):
+                picks.append(_Pick(hit.product_id, hit.score, hit.payload, [f"{MODE_REASON[mode]} {title}"]))
+        if mode == "behavior" and len(picks) < k and "fused" in source.vectors:
+            # Products without behavior data (new, or never bought) fall back to content similarity.
+            taken = [*excluded, *(p.product_id for p in picks)]
+            for hit in self._rank(
+                "fused", source.vectors["fused"], k - len(picks), filters, taken, diversity
+            ):
+                picks.append(
+                    _Pick(hit.product_id, hit.score, hit.payload, [f"{MODE_REASON['fused']} {title}", FILLED])
+                )
+        self._backfill(picks, k, filters, excluded)
+        version = self.index.spaces[mode].encoder if mode in self.index.spaces else "none"
+        return self._respond(picks, version, mode=mode)
+
+    # ---- search ------------------------------------------------------------------------------------
+    def project_text(self, raw: np.ndarray) -> np.ndarray:
+        """(d_text,) raw text-encoder features -> (dim,) unit query vector in the shared space."""
+        return self.heads.project_texts(np.asarray(raw, dtype=np.float32)[None])[0]
+
+    def project_image(self, raw: np.ndarray) -> np.ndarray:
+        return self.heads.project_images(np.asarray(raw, dtype=np.float32)[None])[0]
+
+    def search(
+        self,
+        k: int = 10,
+        mode: str = "fused",
+        filters: Filters | None = None,
+        diversity: float = 0.0,
+        reasons: Sequence[str] = (),
+        understood: dict | None = None,
+        text_features: np.ndarray | None = None,
+        image_features: np.ndarray | None = None,
+        like: str | None = None,
+        exclude: Sequence[str] = (),
+    ) -> dict:
+        """Rank by a query in one space: raw text and/or photo features (projected here with the heads of
+        the live collection) and/or a product the shopper points at (`like`); `reasons` say what matched.
+
+        With only filters understood (no query left), what passes them is ranked by popularity."""
+        check_k(k)
+        if mode not in MODES:
+            raise BadRequestError(f"unknown mode {mode!r}; use one of {', '.join(MODES)}")
+        filters = self.check_filters(filters or Filters())
+        parts = []
+        if text_features is not None:
+            parts.append(self.project_text(text_features))
+        if image_features is not None:
+            parts.append(self.project_image(image_features))
+        exclude = list(exclude)
+        if like is not None:
+            found = self.index.get([like], with_vectors=True)
+            if not found:
+                raise NotFoundError(f"product {like!r} is not in the catalog")
+            parts.append(found[0].vectors[mode])
+            exclude.append(like)
+        picks: list[_Pick] = []
+        if parts:
+            query = np.mean(parts, axis=0)
+            query = (query / np.linalg.norm(query)).astype(np.float32)
+            for hit in self._rank(mode, query, k, filters, exclude, diversity):
+                picks.append(_Pick(hit.product_id, hit.score, hit.payload, list(reasons)))
+        else:
+            for hit in self._popular(k, filters, set(exclude)):
+                picks.append(_Pick(hit.product_id, 0.0, hit.payload, [*reasons, "popular among the matches"]))
+        self._backfill(picks, k, filters, set(exclude))
+        extra = {"mode": mode}
+        if understood is not None:
+            extra["understood"] = understood
+        return self._respond(picks, self.index.spaces[mode].encoder, **extra)
+
+    # ---- events ------------------------------------------------------------------------------------
+    def add_events(self, raw_events: Sequence[dict]) -> dict:
+        """Validate a batch (all or nothing), store it durably, and drop the users' cached vectors."""
+        events = []
+        for position, data in enumerate(raw_events):
+            try:
+                events.append(Event.from_dict(data))
+            except (EventError, TypeError) as exc:
+                raise BadRequestError(f"events[{position}]: {exc}") from None
+        product_ids = sorted({e.product_id for e in events if e.product_id is not None})
+        known = {r.product_id for r in self.index.get(product_ids)} if product_ids else set()
+        unknown = [pid for pid in product_ids if pid not in known]
+        if unknown:
+            raise BadRequestError(f"unknown product id(s) {unknown[:20]}; nothing was stored")
+        result = self.events.add(events)
+        with self._lock:
+            for user_id in {e.user_id for e in events}:
+                self._user_cache.pop(user_id, None)
+        return {"accepted": result.accepted, "duplicates": result.duplicates}
+
+    def user_events(self, user_id: str, limit: int = 50) -> dict:
+        if not 1 <= limit <= 10_000:
+            raise BadRequestError(f"limit must be between 1 and 10000, got {limit}")
+        events = self.events.recent(user_id, limit)
+        return {"user_id": user_id, "events": [e.to_dict() for e in events]}
+
+    def delete_user(self, user_id: str) -> dict:
+        deleted = self.events.delete_user(user_id)
+        with self._lock:
+            cached = self._user_cache.pop(user_id, None) is not None
+        return {"user_id": user_id, "deleted_events": deleted, "deleted_cached_vectors": int(cached)}
+
+    # ---- personalized feed -------------------------------------------------------------------------
+    def feed(self, user_id: str, k: int = 10, diversity: float = 0.0, filters: Filters | None = None) -> dict:
+        """The shopper's feed: GRU over recent events (content fallback without a model), cold start
+        for a shopper with no product events, purchases always excluded."""
+        check_k(k)
+        filters = self.check_filters(filters or Filters())
+        history = [
+            e for e in self.events.history(user_id, self.config.feed_history) if e.product_id is not None
+        ]
+        purchased = self.events.purchased(user_id)
+        exclude = set(purchased)
+        if self.config.exclude_seen:
+            exclude |= {e.product_id for e in history}
+        searches = [e.query for e in self.events.recent(user_id, 10) if e.type == "search" and e.query]
+        if not history:
+            return self._cold_start(user_id, k, filters, exclude)
+        records = {
+            r.product_id: r for r in self.index.get([e.product_id for e in history], with_vectors=True)
+        }
+        history = [e for e in history if e.product_id in records]  # products since deleted are skipped
+        if not history:
+            return self._cold_start(user_id, k, filters, exclude)
+        picks: list[_Pick] = []
+        version = "content-fallback"
+        if self.sequence is not None:
+            user_vector = self._user_vector(user_id, history)
+            if user_vector is not None:
+                version = self.index.spaces["behavior"].encoder
+                hits = self._rank(
+                    "behavior",
+                    user_vector,
+                    k,
+                    filters,
+                    list(exclude),
+                    diversity,
+                    self.config.behavior_hnsw_ef,
+                )
+                picks = [_Pick(h.product_id, h.score, h.payload) for h in hits]
+        if not picks:  # no model, or none of the history is known to it: content vectors of the history
+            hits = self._rank(
+                "fused", self._content_profile(history, records), k, filters, list(exclude), diversity
+            )
+            picks = [_Pick(h.product_id, h.score, h.payload) for h in hits]
+        self._explain_feed(picks, history, records, searches)
+        self._backfill(picks, k, filters, exclude)
+        return self._respond(picks, version, user_id=user_id, personalized=True)
+
+    def _user_vector(self, user_id: str, history: list[Event]) -> np.ndarray | None:
+        signature = tuple(e.event_id for e in history[-3:]) + (len(history),)
+        with self._lock:
+            cached = self._user_cache.get(user_id)
+            if cached is not None and cached[0] == signature:
+                self._user_cache.move_to_end(user_id)
+                return cached[1]
+        vectors, stats = self.sequence.encode_users_with_stats([[(e.product_id, e.type) for e in history]])
+        if stats.unknown_items == len(history):
+            return None
+        with self._lock:
+            self._user_cache[user_id] = (signature, vectors[0])
+            while len(self._user_cache) > USER_CACHE_SIZE:
+                self._user_cache.popitem(last=False)
+        return vectors[0]
+
+    @staticmethod
+    def _content_profile(history: list[Event], records: dict) -> np.ndarray:
+        """Recency- and intent-weighted mean of the history's fused vectors, unit length."""
+        vectors, weights = [], []
+        for age, event in enumerate(reversed(history)):
+            vec = records[event.product_id].vectors.get("fused")
+            if vec is not None:
+                vectors.append(vec)
+                weights.append(FEED_WEIGHTS.get(event.type, 1.0) * 0.85**age)
+        profile = np.average(np.stack(vectors), axis=0, weights=weights)
+        return (profile / np.linalg.norm(profile)).astype(np.float32)
+
+    def _explain_feed(
+        self, picks: list[_Pick], history: list[Event], records: dict, searches: list[str]
+    ) -> None:
+        """Each item's reason: the history product closest to it (fused vectors) and what the shopper did."""
+        if not picks:
+            return
+        last_action: dict[str, str] = {}
+        for event in history:
+            last_action[event.product_id] = event.type
+        sources = [pid for pid in last_action if "fused" in records[pid].vectors]
+        if not sources:
+            return
+        source_vecs = np.stack([records[pid].vectors["fused"] for pid in sources])  # (h, d)
+        picked = {r.product_id: r for r in self.index.get([p.product_id for p in picks], with_vectors=True)}
+        for pick in picks:
+            vec = picked.get(pick.product_id)
+            if vec is None or "fused" not in vec.vectors:
+                pick.reasons.append("picked from your recent activity")
+                continue
+            best = int(np.argmax(source_vecs @ vec.vectors["fused"]))
+            source = sources[best]
+            title = records[source].payload.get("title", source)
+            pick.reasons.append(f"similar to {title} you {VERBS.get(last_action[source], 'viewed')}")
+            for query in searches[:3]:
+                words = {w for w in query.lower().split() if len(w) > 2}
+                text = " ".join(str(pick.payload.get(f, "")) for f in ("title", *KEYWORD_FIELDS)).lower()
+                if words and words & set(text.split()):
+                    pick.reasons.append(f"matches your search {query!r}")
+                    break
+
+    def _cold_start(self, user_id: str, k: int, filters: Filters, exclude: set[str]) -> dict:
+        """A shopper with no product events: trending products (events of the last `trending_days`),
+        then all-time popular ones, then the GRU's learned first-purchase popularity."""
+        picks: list[_Pick] = []
+        taken = set(exclude)
+        recent = self.events.popular(limit=k * 20, since=time.time() - self.config.trending_days * 86400)
+        for ranked, label in (
+            (recent, "trending in {}"),
+            (self.events.popular(limit=k * 20), "popular in {}"),
+        ):
+            scores = dict(ranked)
+            for record in self.index.get([pid for pid, _ in ranked if pid not in taken]):
+                if len(picks) >= k:
+                    break
+                if filters.matches(record.payload):
+                    category = record.payload.get("articleType") or record.payload.get("masterCategory")
+                    reason = label.format(category or "the shop")
+                    picks.append(
+                        _Pick(record.product_id, scores[record.product_id], record.payload, [reason])
+                    )
+                    taken.add(record.product_id)
+        if len(picks) < k and self.sequence is not None:
+            vector = self.sequence.cold_start_vector()
+            for hit in self.index.search(
+                "behavior", vector, k - len(picks), filters, tuple(taken), self.config.behavior_hnsw_ef
+            ):
+                picks.append(_Pick(hit.product_id, hit.score, hit.payload, ["popular first purchase"]))
+        self._backfill(picks, k, filters, exclude)
+        return self._respond(picks, "popularity", user_id=user_id, personalized=False)
+
+    def close(self) -> None:
+        self.index.close()
+        self.events.close()
+
+
+class _Empty:
+    vectors: dict = {}
+
+
+_EMPTY = _Empty()
