@@ -11,7 +11,7 @@ DEMO_LIMIT ?= 2000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo bench lint format clean
+.PHONY: install test demo clean-demo bench lint format clean
 
 install: $(STAMP)
 
@@ -25,14 +25,29 @@ $(STAMP): pyproject.toml constraints.txt
 test: install
 	$(BIN)/python -m pytest -q
 
+# Simulated shoppers the demo's user encoder is trained on (`shopguide simulate sessions`).
+DEMO_SHOPPERS ?= 1000
+DEMO_DAYS ?= 14
+DEMO_PORT ?= 8000
+
+# Ingest, simulate shoppers, train the GRU user encoder on them, load their events, serve (Ctrl-C stops).
+# Steps whose output exists are skipped; `make clean-demo` starts over (e.g. after changing DEMO_LIMIT).
 demo: install
 	$(BIN)/shopguide ingest --catalog $(CATALOG) --data-dir $(DEMO_DIR) $(if $(DEMO_LIMIT),--limit $(DEMO_LIMIT))
-	$(BIN)/shopguide search "red women's handbag" --k 5 --data-dir $(DEMO_DIR)
-	$(BIN)/shopguide search "black men's formal shoes" --k 5 --max-price 80 --in-stock --data-dir $(DEMO_DIR)
-	$(BIN)/shopguide search "blue denim jeans" --mode image --k 5 --data-dir $(DEMO_DIR)
-	$(BIN)/shopguide similar $$($(BIN)/python -c "import csv,sys; r=csv.DictReader(open('$(CATALOG)/products.csv')); print(next(r)['id'])") --k 5 --data-dir $(DEMO_DIR)
+	test -f $(DEMO_DIR)/events/simulated.jsonl || $(BIN)/shopguide simulate sessions --catalog $(CATALOG) \
+	  $(if $(DEMO_LIMIT),--limit $(DEMO_LIMIT)) --shoppers $(DEMO_SHOPPERS) --days $(DEMO_DAYS) \
+	  --out $(DEMO_DIR)/events/simulated.jsonl
+	test -f $(DEMO_DIR)/models/sequence/sequence_model.pt || $(BIN)/shopguide train sequences \
+	  --dataset $(DEMO_DIR)/events/simulated.jsonl --out $(DEMO_DIR)/models/sequence
+	$(BIN)/shopguide events import $(DEMO_DIR)/events/simulated.jsonl --data-dir $(DEMO_DIR)
+	$(BIN)/shopguide serve --data-dir $(DEMO_DIR) --port $(DEMO_PORT)
+
+clean-demo:
+	rm -rf $(DEMO_DIR)
 
 SEQ_BENCH_MODEL := data/bench-seq/beauty
+
+BENCH_DIR := data/bench
 
 bench: install
 	$(BIN)/python tests/bench/bench_ingest.py --catalog $(CATALOG)
@@ -41,6 +56,11 @@ bench: install
 	  --dataset $(DATASETS)/amazon-sequences/Beauty.txt \
 	  --attributes $(DATASETS)/amazon-sequences/Beauty_item2attributes.json --out $(SEQ_BENCH_MODEL)
 	$(BIN)/python tests/bench/bench_sequences.py --model $(SEQ_BENCH_MODEL)
+	test -f $(BENCH_DIR)/events/simulated.jsonl || $(BIN)/shopguide simulate sessions --catalog $(CATALOG) \
+	  --out $(BENCH_DIR)/events/simulated.jsonl
+	test -f $(BENCH_DIR)/models/sequence/sequence_model.pt || $(BIN)/shopguide train sequences \
+	  --dataset $(BENCH_DIR)/events/simulated.jsonl --out $(BENCH_DIR)/models/sequence --no-progress
+	$(BIN)/python tests/bench/bench_serve.py --data-dir $(BENCH_DIR)
 
 lint: install
 	$(BIN)/ruff check .
