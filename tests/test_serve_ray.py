@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -13,7 +12,7 @@ import httpx
 import pytest
 
 from serving.deployments import AppArgs, build_app, compose_app
-from serving.server import DEFAULT_CONFIG, deployment_options
+from serving.server import DEFAULT_CONFIG, deployment_options, ray_environment
 from tests.serving_fixtures import API_KEY, serving_data_copy, tiny_ids
 
 pytestmark = pytest.mark.slow
@@ -59,7 +58,7 @@ def _deploy(data_dir: Path, ingress_options: dict | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def ray_serve(tmp_path_factory: pytest.TempPathFactory):
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline machines; nothing to report to
+    ray_environment()  # what `shopguide serve` runs with
     import ray
     from ray import serve
 
