@@ -130,6 +130,7 @@ class Recommender:
         self.events = events
         self.config = config or RecommenderConfig()
         self._lock = threading.Lock()  # index writes and cache updates; searches run concurrently
+        self._count = (-1e9, 0)  # (monotonic time, product count): see product_count
         self._user_cache: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
         self.sequence = None
         if sequence_model is not None:
@@ -180,17 +181,25 @@ class Recommender:
         )
         return versions
 
+    def product_count(self) -> int:
+        """Points in the live collection, cached for a second: an exact count scans the collection
+        (about 1 ms at 11k products), and /healthz may be polled often."""
+        now = time.monotonic()
+        if now - self._count[0] > 1.0:
+            self._count = (now, self.index.count())
+        return self._count[1]
+
     def health(self) -> dict:
         """Cheap liveness facts for /healthz: the index answers, and which models are served."""
         return {
-            "products": self.index.count(),
+            "products": self.product_count(),
             "collection": self.index.name,
             "model_versions": self.model_versions(),
         }
 
     def stats(self) -> dict:
         return {
-            "products": self.index.count(),
+            "products": self.product_count(),
             "collection": self.index.name,
             "events": self.events.count(),
             "users": self.events.users(),
@@ -344,10 +353,11 @@ class Recommender:
     # ---- search ------------------------------------------------------------------------------------
     def project_text(self, raw: np.ndarray) -> np.ndarray:
         """(d_text,) raw text-encoder features -> (dim,) unit query vector in the shared space."""
-        return self.heads.project_texts(np.asarray(raw, dtype=np.float32)[None])[0]
+        # np.array copies: arrays that come through Ray are read-only, which torch warns about.
+        return self.heads.project_texts(np.array(raw, dtype=np.float32)[None])[0]
 
     def project_image(self, raw: np.ndarray) -> np.ndarray:
-        return self.heads.project_images(np.asarray(raw, dtype=np.float32)[None])[0]
+        return self.heads.project_images(np.array(raw, dtype=np.float32)[None])[0]
 
     def search(
         self,
