@@ -11,9 +11,15 @@ DEMO_LIMIT ?= 2000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test demo clean-demo bench lint format clean
+.PHONY: install chromium test demo clean-demo bench lint format clean
 
-install: $(STAMP)
+install: $(STAMP) chromium
+
+# Debian's Chromium for the storefront browser test (Playwright drives it; nothing is downloaded by
+# Playwright itself). Installed with apt when missing and we are root; otherwise the test says why.
+chromium:
+	@command -v chromium >/dev/null || test "$$(id -u)" != 0 || apt-get install -y -q chromium \
+	  || (apt-get update -q && apt-get install -y -q chromium)
 
 # Re-runs only when the dependency pins change; `pip install` itself is a no-op when nothing changed.
 $(STAMP): pyproject.toml constraints.txt
