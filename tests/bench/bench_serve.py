@@ -12,7 +12,6 @@ import asyncio
 import json
 import os
 import random
-import signal
 import subprocess
 import sys
 import time
@@ -193,7 +192,7 @@ async def run(args: argparse.Namespace) -> dict:
                 )
         return {"server": "uvicorn (no Ray)" if args.no_ray else "ray serve", "index": health, "rows": rows}
     finally:
-        process.send_signal(signal.SIGINT)
+        process.terminate()  # SIGTERM: SIGINT is ignored by jobs a non-interactive shell backgrounds
         try:
             process.wait(timeout=60)
         except subprocess.TimeoutExpired:
