@@ -67,6 +67,7 @@ bench: install
 	test -f $(BENCH_DIR)/models/sequence/sequence_model.pt || $(BIN)/shopguide train sequences \
 	  --dataset $(BENCH_DIR)/events/simulated.jsonl --out $(BENCH_DIR)/models/sequence --no-progress
 	$(BIN)/python tests/bench/bench_serve.py --data-dir $(BENCH_DIR)
+	$(BIN)/python tests/bench/bench_event_effect.py --data-dir $(BENCH_DIR)
 
 lint: install
 	$(BIN)/ruff check .
