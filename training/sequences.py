@@ -345,13 +345,24 @@ def train_model(
     attribute_bag: tuple[int, torch.Tensor | None, torch.Tensor | None] = (0, None, None),
     progress: bool = True,
     content: torch.Tensor | None = None,
+    init_model: GRUSequenceModel | None = None,
 ) -> tuple[GRUSequenceModel, dict]:
     """Full-softmax next-item training with AdamW, early stopping on validation NDCG@10; returns the best
-    model (by validation NDCG@10) and a summary (epochs, seconds per epoch, validation history)."""
+    model (by validation NDCG@10) and a summary (epochs, seconds per epoch, validation history).
+
+    `init_model`: continue training this model (a warm start for incremental updates) instead of a new
+    one; it must already cover the n_items vocabulary (see training.update.expand_model)."""
     torch.set_num_threads(train_config.threads)
     rng = _seed_everything(train_config.seed)
     n_attributes, attribute_ids, attribute_offsets = attribute_bag
-    model = GRUSequenceModel(model_config, n_items, n_attributes, attribute_ids, attribute_offsets, content)
+    if init_model is not None:
+        if init_model.n_items != n_items:
+            raise ValueError(f"init_model has {init_model.n_items} items, the data {n_items}")
+        model = init_model
+    else:
+        model = GRUSequenceModel(
+            model_config, n_items, n_attributes, attribute_ids, attribute_offsets, content
+        )
     optimizer = torch.optim.AdamW(
         model.parameters(), lr=train_config.lr, weight_decay=train_config.weight_decay
     )
