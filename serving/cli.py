@@ -1,4 +1,4 @@
-"""The `shopguide` command line: ingest, similar, search, train, eval, bench, encoders."""
+"""The `shopguide` command line: ingest, similar, search, train, eval, bench, report, encoders."""
 
 from __future__ import annotations
 
@@ -58,6 +58,17 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
         default="QDRANT_API_KEY",
         help="environment variable holding the Qdrant API key (default: %(default)s)",
     )
+
+
+def _add_gate(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--tolerance",
+        type=float,
+        default=0.02,
+        help="allowed relative NDCG@10 drop vs live (default: %(default)s)",
+    )
+    parser.add_argument("--holdout-days", type=float, default=1.0, help="shoppers active in the last N days")
+    parser.add_argument("--force", action="store_true", help="promote even if the gate refuses")
 
 
 def _store(args: argparse.Namespace):
@@ -285,6 +296,79 @@ def cmd_index_behavior(args: argparse.Namespace) -> int:
     return 0
 
 
+def _registry(args: argparse.Namespace):
+    from training.registry import ModelRegistry
+
+    return ModelRegistry(args.data_dir / "models" / "registry")
+
+
+def _holdout(events: list, days: float) -> dict:
+    """Held-out shoppers for the promotion gate: those active in the last `days` of the events."""
+    from training.session_data import histories_from_events
+
+    latest = max((e.ts for e in events if e.ts is not None), default=0.0)
+    recent = {e.user_id for e in events if e.ts is not None and e.ts >= latest - days * 86400}
+    return {u: h for u, h in histories_from_events(events).items() if u in recent}
+
+
+def _promote(args: argparse.Namespace, registry, version: str, events: list) -> int:
+    from training.update import holdout_metrics
+
+    holdout = _holdout(events, args.holdout_days)
+    result = registry.promote(
+        version, lambda folder: holdout_metrics(folder, holdout), tolerance=args.tolerance, force=args.force
+    )
+    verdict = "promoted" if result.promoted else "NOT promoted"
+    print(f"{version} {verdict}: {result.reason} ({len(holdout)} held-out shoppers)")
+    return 0 if result.promoted else 3
+
+
+def cmd_train_update(args: argparse.Namespace) -> int:
+    from training.events import read_events
+    from training.sequences import load_config_file
+    from training.update import run_update
+
+    events = list(read_events(args.events))
+    model_config, train_config = load_config_file(args.config)
+    registry = _registry(args)
+    summary = run_update(
+        events, registry, args.strategy, model_config=model_config, train_config=train_config,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    print(
+        f"{summary['strategy']} update ({summary['reason']}): version {summary['version']} "
+        f"(parent {summary['parent']}), {summary['users']} shoppers, {summary['items']} products, "
+        f"{summary['seconds']} s; validation NDCG@10 {summary['metrics'].get('NDCG@10', 0):.4f}"
+    )
+    return _promote(args, registry, summary["version"], events) if args.promote else 0
+
+
+def cmd_models_list(args: argparse.Namespace) -> int:
+    registry = _registry(args)
+    live = registry.live()
+    for v in registry.list():
+        marker = "*" if v.version == live else " "
+        ndcg = v.metrics.get("NDCG@10")
+        print(
+            f"{marker} {v.version}  {v.strategy:<11} parent={v.parent or '-'}  "
+            f"items={v.training.get('items', '?')}  NDCG@10={'-' if ndcg is None else f'{ndcg:.4f}'}"
+        )
+    if not registry.list():
+        print(f"no models in {registry.root}; train one with `shopguide train update`")
+    return 0
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    from training.events import read_events
+
+    return _promote(args, _registry(args), args.version, list(read_events(args.events)))
+
+
+def cmd_models_rollback(args: argparse.Namespace) -> int:
+    print(f"live model is now {_registry(args).rollback()}")
+    return 0
+
+
 def cmd_events_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -327,6 +411,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
         sequence_model=args.sequence_model,
         use_ray=not args.no_ray,
     )
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from training.report import ReportConfig, build_report
+
+    config = ReportConfig(
+        out=args.out,
+        results=args.results,
+        bench_results=args.bench_results,
+        data_dir=args.data_dir,
+        map_points=args.map_points,
+        seed=args.seed,
+    )
+    build_report(config)
+    return 0
 
 
 def cmd_encoders(args: argparse.Namespace) -> int:
@@ -392,6 +491,36 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-progress", action="store_true", help="no progress bars (one line per epoch still prints)"
     )
     t.set_defaults(func=cmd_train_sequences)
+    t = train_sub.add_parser(
+        "update", help="update the user encoder from events: incremental, full or hybrid"
+    )
+    t.add_argument("--strategy", choices=("incremental", "full", "hybrid"), default="hybrid")
+    t.add_argument("--events", type=Path, required=True, help="events as JSON lines (all of them)")
+    t.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="its models/registry holds versions"
+    )
+    t.add_argument("--config", type=Path, help="YAML with `model:` and `train:` sections")
+    t.add_argument("--promote", action="store_true", help="then run the promotion gate on recent events")
+    _add_gate(t)
+    t.add_argument("--no-progress", action="store_true")
+    t.set_defaults(func=cmd_train_update)
+
+    p = sub.add_parser("models", help="the user-encoder registry: list, promote (gated), rollback")
+    models_sub = p.add_subparsers(dest="what", required=True)
+    m = models_sub.add_parser("list", help="versions, the live one marked *")
+    m.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    m.set_defaults(func=cmd_models_list)
+    m = models_sub.add_parser("promote", help="make a version live if it does not regress on recent events")
+    m.add_argument("version")
+    m.add_argument(
+        "--events", type=Path, required=True, help="events as JSON lines (recent ones are held out)"
+    )
+    m.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    _add_gate(m)
+    m.set_defaults(func=cmd_models_promote)
+    m = models_sub.add_parser("rollback", help="make the previously live version live again")
+    m.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR)
+    m.set_defaults(func=cmd_models_rollback)
 
     p = sub.add_parser("eval", help="offline evaluation")
     eval_sub = p.add_subparsers(dest="what", required=True)
@@ -480,6 +609,27 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--no-ray", action="store_true", help="one process with uvicorn instead of Ray Serve")
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("report", help="HTML page of tables and plots from the eval and benchmark results")
+    p.add_argument("--out", type=Path, required=True, help="folder for index.html and its PNG plots")
+    p.add_argument(
+        "--results", type=Path, default=Path("results"), help="eval JSON files (default: %(default)s)"
+    )
+    p.add_argument(
+        "--bench-results",
+        type=Path,
+        default=Path("bench-results"),
+        help="benchmark JSON files, serve.json (default: %(default)s)",
+    )
+    p.add_argument(
+        "--data-dir",
+        type=Path,
+        default=DEFAULT_DATA_DIR,
+        help="index for the product map (default: %(default)s)",
+    )
+    p.add_argument("--map-points", type=int, default=5000, help="products on the 2-D map at most")
+    p.add_argument("--seed", type=int, default=0, help="seed of the map's subsample (default: %(default)s)")
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("encoders", help="list the registered encoders")
     p.set_defaults(func=cmd_encoders)

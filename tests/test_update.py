@@ -92,3 +92,41 @@ def test_a_stale_model_pays_for_unknown_targets(tmp_path: Path) -> None:
     assert holdout_metrics(registry.path(version["version"]), unknown)["HR@10"] == 0.0
     with pytest.raises(ValueError, match="unknown strategy"):
         run_update([], registry, "sometimes")
+
+
+def test_cli_update_promote_list_rollback(tmp_path: Path, capsys) -> None:
+    from serving.cli import main
+    from training.events import write_events
+
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {dim: 8, hidden: 16}\ntrain: {max_epochs: 2, batch_size: 32}\n")
+    day1 = _events(range(40), 12, start=0.0, seed=7)
+    write_events(day1, tmp_path / "day1.jsonl")
+    write_events(day1 + _events(range(100, 130), 14, start=DAY, seed=8), tmp_path / "day2.jsonl")
+    common = ["--data-dir", str(tmp_path / "data"), "--config", str(config), "--no-progress"]
+    assert (
+        main(
+            [
+                "train",
+                "update",
+                "--strategy",
+                "full",
+                "--events",
+                str(tmp_path / "day1.jsonl"),
+                "--promote",
+                *common,
+            ]
+        )
+        == 0
+    )
+    assert "promoted: no live model yet" in capsys.readouterr().out
+    code = main(["train", "update", "--strategy", "incremental", "--events", str(tmp_path / "day2.jsonl"),
+                 "--promote", "--force", *common])  # fmt: skip
+    assert code == 0 and "incremental update" in capsys.readouterr().out
+    assert main(["models", "list", "--data-dir", str(tmp_path / "data")]) == 0
+    listing = capsys.readouterr().out.splitlines()
+    assert len(listing) == 2 and listing[1].startswith("* ") and "incremental" in listing[1]
+    assert main(["models", "rollback", "--data-dir", str(tmp_path / "data")]) == 0
+    assert "live model is now" in capsys.readouterr().out
+    assert main(["models", "rollback", "--data-dir", str(tmp_path / "data")]) == 2  # nothing earlier
+    assert "first live version" in capsys.readouterr().err

@@ -36,6 +36,9 @@ TEMPLATES = (
     "navy blue watch for men under 150",
     "something for a party",
 )
+# Fixed log-spaced latency bins, 0.1 ms to 10 s, 12 per decade (each ~21% wide): every run and row shares
+# them, so `shopguide report` can overlay and compare histograms without the raw samples.
+HISTOGRAM_EDGES_MS = [float(f"{edge:.4g}") for edge in np.geomspace(0.1, 10_000, 61)]
 
 
 def start_server(data_dir: Path, port: int, no_ray: bool) -> subprocess.Popen:
@@ -145,7 +148,15 @@ async def measure(base: str, kind: str, concurrency: int, requests: int, stream)
         "p50_ms": round(float(np.percentile(ms, 50)), 2),
         "p99_ms": round(float(np.percentile(ms, 99)), 2),
         "throughput_rps": round(requests / elapsed, 1),
+        "histogram_ms": latency_histogram(ms),
     }
+
+
+def latency_histogram(ms: np.ndarray) -> dict:
+    """Counts per HISTOGRAM_EDGES_MS bin; samples outside 0.1 ms..10 s go to the first or last bin."""
+    edges = np.array(HISTOGRAM_EDGES_MS)
+    counts, _ = np.histogram(np.clip(ms, edges[0], edges[-1]), bins=edges)
+    return {"edges": HISTOGRAM_EDGES_MS, "counts": counts.tolist()}
 
 
 async def run(args: argparse.Namespace) -> dict:
