@@ -9,20 +9,24 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
 import hmac
 import logging
+import secrets
 import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import anyio
 import numpy as np
-from fastapi import Depends, FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Header, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -49,6 +53,16 @@ MAX_EVENTS_BODY_BYTES = 2 * 1024 * 1024
 MAX_QUERY_CHARS = 1000  # longer queries are refused with 422, not truncated silently
 VOCABULARY_TTL_S = 300.0  # the query parser re-reads catalog values this often (catalog updates)
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the photo in a multipart body
+STATIC_DIR = Path(__file__).parent / "static"  # the storefront: plain HTML, CSS and JS, no build step
+# The storefront loads nothing from anywhere else; the browser enforces it too.
+STOREFRONT_CSP = (
+    "default-src 'self'; img-src 'self' blob: data:; object-src 'none'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'"
+)
+# What a browser's visitor token may post: browsing signals about itself, never purchases (those come
+# from the shop's backend, which holds the API key).
+VISITOR_EVENT_TYPES = frozenset({"view", "click", "cart", "search"})
+VISITOR_HEADER = "X-Visitor-Token"
 
 
 class Backend(Protocol):
@@ -144,6 +158,27 @@ class EventsAccepted(BaseModel):
 class ErrorOut(BaseModel):
     error: str
     detail: Any = None
+
+
+class VisitorOut(BaseModel):
+    visitor_id: str
+    token: str  # send as `X-Visitor-Token: <visitor_id>.<token>` with POST /events
+
+
+class PageModuleOut(BaseModel):
+    name: Literal["similar", "bought_together", "for_you"]
+    title: str
+    request_id: str  # events on this module's items carry it, so engagement is attributed to the module
+    model_version: str
+    interest: float  # predicted engagement per impression for this shopper (the order of the modules)
+    items: list[ItemOut]
+
+
+class PageOut(BaseModel):
+    request_id: str
+    user_id: str | None
+    product: dict[str, Any]
+    modules: list[PageModuleOut]
 
 
 ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
@@ -263,6 +298,17 @@ def applied_filters(
     return Filters(**values), shown, reasons
 
 
+def visitor_token(secret: bytes, visitor_id: str) -> str:
+    """HMAC-SHA256 of the visitor id under the server's visitor secret, hex."""
+    return hmac.new(secret, visitor_id.encode(), hashlib.sha256).hexdigest()
+
+
+def visitor_secret(api_key: str | None) -> bytes | None:
+    """The key visitor tokens are signed with: derived from the API key, so every ingress replica (and a
+    restarted server) agrees; None without an API key (the app then uses a random per-process secret)."""
+    return hashlib.sha256(b"visitor:" + api_key.encode()).digest() if api_key else None
+
+
 def _parse_exclude(exclude: str | None) -> tuple[str, ...]:
     if not exclude:
         return ()
@@ -272,12 +318,14 @@ def _parse_exclude(exclude: str | None) -> tuple[str, ...]:
     return ids
 
 
-def _route_label(scope: dict) -> str:
+def _route_label(scope: dict, root_path: str = "") -> str:
     """The route template ("/products/{product_id}/similar"): bounded label values for metrics."""
     route = scope.get("route")
-    if route is None:  # answered before routing (e.g. a refused body): find the route it was meant for
+    if route is None:  # answered before routing (e.g. a refused body), or a mount (the static files)
+        # A mount has rewritten root_path in this scope; match against the path as it arrived.
+        arrived = {**scope, "root_path": root_path}
         for candidate in scope["app"].router.routes:
-            if candidate.matches(scope)[0] == Match.FULL:
+            if candidate.matches(arrived)[0] == Match.FULL:
                 route = candidate
                 break
     return getattr(route, "path", "unmatched")
@@ -313,6 +361,7 @@ class ObserveMiddleware:
                 status, response_started = message["status"], True
             await send(message)
 
+        root_path = scope.get("root_path", "")
         limit = self._body_limit(scope["path"])
         length = dict(scope["headers"]).get(b"content-length", b"")
         try:
@@ -330,7 +379,7 @@ class ObserveMiddleware:
                 raise
             crash = _error(500, "internal error", f"error id {error_id}; the server log has the details")
             await crash(scope, receive, send_observed)
-        route = _route_label(scope)
+        route = _route_label(scope, root_path)
         self.metrics.requests.labels(route, scope.get("method", ""), str(status)).inc()
         self.metrics.latency.labels(route).observe(time.perf_counter() - started)
         if status >= 500:
@@ -352,6 +401,11 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     parser_state: dict[str, Any] = {"parser": None, "loaded": 0.0}
     parser_lock = asyncio.Lock()
     bearer = HTTPBearer(auto_error=False, description="the server's API key")
+    process_secret = secrets.token_bytes(32)  # signs visitor tokens when there is no API key
+
+    def signing_secret() -> bytes:
+        # Read per request: tests (and a reconfigured ingress) may swap the settings.
+        return visitor_secret(app.state.settings.api_key) or process_secret
 
     def get_backend(request: Request) -> Backend:
         found = request.app.state.backend
@@ -372,6 +426,36 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         # Constant-time comparison: response time must not reveal how much of a guess was right.
         if not hmac.compare_digest(credentials.credentials.encode(), key.encode()):
             raise StarletteHTTPException(403, "the API key is not valid")
+
+    async def authorize_events(
+        credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+        visitor: str | None = Header(
+            None,
+            alias=VISITOR_HEADER,
+            description="`<visitor_id>.<token>` from GET /visitor: a browser's own browsing events only",
+        ),
+    ) -> str | None:
+        """Who may write this batch: None for the API key's holder (anything), else the visitor id whose
+        own view/click/cart/search events it may post (checked against the body in the route)."""
+        key = app.state.settings.api_key
+        if not key or credentials is not None:
+            await require_key(credentials)
+            return None
+        if visitor is None:
+            raise StarletteHTTPException(
+                401,
+                f"this endpoint needs `Authorization: Bearer <API key>`, or `{VISITOR_HEADER}: "
+                "<visitor_id>.<token>` from GET /visitor for a browser's own events",
+                headers={"WWW-Authenticate": "Bearer"},
+            )
+        visitor_id, _, token = visitor.rpartition(".")
+        expected = visitor_token(signing_secret(), visitor_id)
+        # Constant-time, as for the API key; a malformed header compares against the real digest too.
+        if not visitor_id or not hmac.compare_digest(token.encode(), expected.encode()):
+            raise StarletteHTTPException(
+                403, "the visitor token is not valid; get a new one from GET /visitor"
+            )
+        return visitor_id
 
     async def query_parser(backend: Backend) -> QueryParser:
         async with parser_lock:
@@ -414,6 +498,10 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     @app.exception_handler(UnknownProductError)
     async def on_not_found(request: Request, exc: Exception):
         return _error(404, "not found", _message(exc))
+
+    @app.exception_handler(VisitorForbiddenError)
+    async def on_visitor_forbidden(request: Request, exc: VisitorForbiddenError):
+        return _error(403, "forbidden", str(exc))
 
     @app.exception_handler(UploadError)
     async def on_upload(request: Request, exc: UploadError):
@@ -576,17 +664,73 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         """The shopper's personalized feed (cold start for a shopper with no events); purchases excluded."""
         return await backend.call("feed", user_id, k, diversity, filters)
 
-    @app.post(
-        "/events",
-        tags=["events"],
-        response_model=EventsAccepted,
-        responses=ERROR_RESPONSES,
-        dependencies=[Depends(require_key)],
-    )
-    async def post_events(request: Request, body: EventsIn, backend: Backend = Depends(get_backend)) -> dict:
-        """Record shopper events; idempotent by event_id, durable once acknowledged."""
+    @app.post("/events", tags=["events"], response_model=EventsAccepted, responses=ERROR_RESPONSES)
+    async def post_events(
+        request: Request,
+        body: EventsIn,
+        visitor_id: str | None = Depends(authorize_events),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """Record shopper events; idempotent by event_id, durable once acknowledged.
+
+        With the API key: any events. With a visitor token (GET /visitor): only that visitor's own
+        view, click, cart and search events; anything else refuses the whole batch with 403."""
+        if visitor_id is not None:
+            check_visitor_events(visitor_id, body.events)
         events = [event.model_dump(exclude_unset=True) for event in body.events]
         return await backend.call("add_events", events)
+
+    @app.get("/visitor", tags=["events"], response_model=VisitorOut)
+    async def visitor() -> dict:
+        """A new anonymous visitor id and its token, so a browser can post its own browsing events
+        without the API key (keep both; the token is only valid for this id)."""
+        visitor_id = f"v-{secrets.token_hex(8)}"
+        return {"visitor_id": visitor_id, "token": visitor_token(signing_secret(), visitor_id)}
+
+    @app.get("/catalog/facets", tags=["catalog"])
+    async def facets(backend: Backend = Depends(get_backend)) -> dict[str, list[str]]:
+        """The values of each filter field in the catalog (gender, masterCategory, subCategory,
+        articleType, baseColour), for filter menus."""
+        return await backend.call("vocabulary")
+
+    @app.get(
+        "/catalog/popular", tags=["catalog"], response_model=RecommendationOut, responses=ERROR_RESPONSES
+    )
+    async def popular(
+        k: int = Query(24, ge=1, le=1000),
+        filters: Filters = Depends(filters_from),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """Browse: the products passing the filters, most popular first (the storefront's home grid)."""
+        return await backend.call("search", k=k, filters=filters)
+
+    @app.get(
+        "/products/{product_id}/page",
+        tags=["recommendations"],
+        response_model=PageOut,
+        responses=ERROR_RESPONSES,
+    )
+    async def product_page(
+        product_id: str,
+        user_id: str | None = Query(None, min_length=1, max_length=200),
+        k: int = Query(8, ge=1, le=100),
+        backend: Backend = Depends(get_backend),
+    ) -> dict:
+        """The product page's modules (similar items, frequently bought together, for you), each with
+        its items, reasons and request_id, ordered by this shopper's predicted interest in each: engagement
+        per impression on past pages, shrunk towards the module's rate over all shoppers (README)."""
+        return await backend.call("page", product_id, user_id, k)
+
+    # ---- the storefront ----------------------------------------------------------------------------
+    @app.get("/", include_in_schema=False)
+    async def storefront() -> FileResponse:
+        return FileResponse(
+            STATIC_DIR / "index.html",
+            media_type="text/html",
+            headers={"Content-Security-Policy": STOREFRONT_CSP, "Cache-Control": "no-cache"},
+        )
+
+    app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
     @app.get("/users/{user_id}/events", tags=["events"], responses=ERROR_RESPONSES)
     async def user_events(
@@ -603,6 +747,26 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         return await backend.call("delete_user", user_id)
 
     return app
+
+
+class VisitorForbiddenError(Exception):
+    """A visitor token was used for events it may not post."""
+
+
+def check_visitor_events(visitor_id: str, events: list[EventIn]) -> None:
+    """A visitor posts only its own browsing events: the whole batch is refused otherwise."""
+    for position, event in enumerate(events):
+        if str(event.user_id) != visitor_id:
+            raise VisitorForbiddenError(
+                f"events[{position}] is for user {str(event.user_id)!r}; a visitor token ({visitor_id}) "
+                "may only post events for its own visitor id. Nothing was stored"
+            )
+        if event.type not in VISITOR_EVENT_TYPES:
+            raise VisitorForbiddenError(
+                f"events[{position}] is a {event.type}; a visitor token may only post "
+                f"{', '.join(sorted(VISITOR_EVENT_TYPES))} events (others need the API key). "
+                "Nothing was stored"
+            )
 
 
 async def _read_photo(request: Request, max_bytes: int) -> bytes:

@@ -14,15 +14,36 @@ from types import TracebackType
 from encoders.sequence import EVENT_TYPES
 from training.events import Event, EventError
 
-SCHEMA_VERSION = 1  # stored in PRAGMA user_version; bump it (and migrate) when the schema or weights change
+SCHEMA_VERSION = 2  # stored in PRAGMA user_version; bump it (and migrate) when the schema or weights change
 BUSY_TIMEOUT_MS = 5000  # how long a writer waits for another process (e.g. the CLI) to finish its write
 # Popularity weight per event type: deeper intent counts more. Search events have no product and no weight.
 # The weights live in the database's triggers, so changing them means a new SCHEMA_VERSION and a rebuild.
 POPULARITY_WEIGHTS = {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 8.0}
+# How much an event on a served result counts as engagement with the module that served it (a view is
+# not engagement: opening a product page is what a click already did).
+ENGAGEMENT_WEIGHTS = {"click": 1.0, "cart": 2.0, "purchase": 4.0}
 
 
 class EventStoreError(RuntimeError):
     """The store cannot be opened or used as asked; the message names the file and what to do."""
+
+
+@dataclass(frozen=True)
+class Impression:
+    """One module served to a user (a product page's "similar", "for_you", ...), by its request_id."""
+
+    request_id: str
+    user_id: str
+    module: str
+    ts: float
+
+
+@dataclass(frozen=True)
+class ModuleStats:
+    """What a module earned: how often it was served and the weighted engagement with what it served."""
+
+    impressions: int
+    engagement: float  # sum of ENGAGEMENT_WEIGHTS over events whose request_id is one of its impressions
 
 
 @dataclass(frozen=True)
@@ -52,9 +73,23 @@ class EventStore(ABC):
     def purchased(self, user_id: str) -> set[str]:
         """Product ids the user has purchased."""
 
-    @abstractmethod
     def delete_user(self, user_id: str) -> int:
-        """Remove all the user's events (and their share of popularity); returns how many were removed."""
+        """Remove all the user's events (and their share of popularity) and impressions; returns how many
+        events were removed."""
+        return self.forget_user(user_id)[0]
+
+    @abstractmethod
+    def forget_user(self, user_id: str) -> tuple[int, int]:
+        """Remove the user's events and impressions in one transaction; returns (events, impressions)."""
+
+    @abstractmethod
+    def add_impressions(self, impressions: Sequence[Impression]) -> None:
+        """Record served modules (idempotent by request_id), durable when this returns."""
+
+    @abstractmethod
+    def module_stats(self, user_id: str | None = None) -> dict[str, ModuleStats]:
+        """module -> its impressions and engagement, for one user or (None) over all users. Engagement
+        counts a user's events on requests served to that same user."""
 
     @abstractmethod
     def popular(
@@ -69,8 +104,17 @@ class EventStore(ABC):
         """
 
     @abstractmethod
-    def co_occurring(self, product_id: str, limit: int = 20) -> list[tuple[str, int]]:
-        """(product_id, users) for products that users of `product_id` also interacted with, most first."""
+    def co_occurring(
+        self,
+        product_id: str,
+        limit: int = 20,
+        types: Sequence[str] | None = None,
+        exclude_user: str | None = None,
+    ) -> list[tuple[str, int]]:
+        """(product_id, users) for products that users of `product_id` also interacted with, most first.
+
+        `types`: count only events of these types, on both sides (("cart", "purchase") is "bought
+        together"). `exclude_user`: leave this user out (a shopper is not their own evidence)."""
 
     @abstractmethod
     def count(self) -> int:
@@ -141,6 +185,20 @@ BEGIN
     DELETE FROM product_stats WHERE product_id = OLD.product_id AND score <= 0;
 END;
 """
+# Version 2: which module served which request (product page impressions), so a module's engagement
+# rate can be learned per user. Events find their impression through request_id.
+_SCHEMA_V2 = """
+CREATE TABLE served (
+    request_id TEXT PRIMARY KEY,
+    user_id TEXT NOT NULL,
+    module TEXT NOT NULL,
+    ts REAL NOT NULL
+) WITHOUT ROWID;
+CREATE INDEX served_user_module ON served (user_id, module);
+CREATE INDEX events_request ON events (request_id) WHERE request_id IS NOT NULL;
+"""
+# version -> the script that takes a store from it to the next version (run inside one transaction).
+_MIGRATIONS = {1: _SCHEMA_V2}
 
 _COLUMNS = "event_id, user_id, product_id, type, query, request_id, ts"
 # ON CONFLICT(event_id) DO NOTHING rather than INSERT OR IGNORE: OR IGNORE also swallows NOT NULL and
@@ -157,10 +215,33 @@ SELECT product_id, SUM({_weight_case("type")}) AS score FROM events INDEXED BY e
 WHERE ts >= ? AND product_id IS NOT NULL AND type IN ({_WEIGHTED_TYPES})
 GROUP BY product_id ORDER BY score DESC, product_id
 """
-_CO_OCCURRING_SQL = """
-WITH buyers AS (SELECT DISTINCT user_id FROM events WHERE product_id = ?)
+_ENGAGEMENT_CASE = " ".join(f"WHEN '{name}' THEN {weight!r}" for name, weight in ENGAGEMENT_WEIGHTS.items())
+_ENGAGED_TYPES = ", ".join(f"'{name}'" for name in ENGAGEMENT_WEIGHTS)
+# Engagement joins events to impressions of the same user: a request_id is only evidence for the user
+# it was served to (another user's client cannot raise or lower someone's module interest).
+_MODULE_STATS_SQL = """
+SELECT module, COUNT(*) FROM served {where} GROUP BY module
+"""
+_MODULE_ENGAGEMENT_SQL = f"""
+SELECT s.module, SUM(CASE e.type {_ENGAGEMENT_CASE} ELSE 0.0 END)
+FROM events AS e JOIN served AS s ON s.request_id = e.request_id AND s.user_id = e.user_id
+WHERE e.request_id IS NOT NULL AND e.type IN ({_ENGAGED_TYPES}) {{and_user}}
+GROUP BY s.module
+"""
+_INSERT_SERVED_SQL = (
+    "INSERT INTO served (request_id, user_id, module, ts) VALUES (?, ?, ?, ?) "
+    "ON CONFLICT (request_id) DO NOTHING"
+)
+
+
+def _co_occurring_sql(types: Sequence[str] | None, exclude_user: bool) -> str:
+    """Users who touched the product (with `types`), then the other products they touched (with `types`)."""
+    typed = f" AND type IN ({', '.join('?' * len(types))})" if types else ""
+    others = " AND user_id != ?" if exclude_user else ""
+    return f"""
+WITH buyers AS (SELECT DISTINCT user_id FROM events WHERE product_id = ?{typed}{others})
 SELECT e.product_id, COUNT(DISTINCT e.user_id) AS shared FROM events AS e JOIN buyers USING (user_id)
-WHERE e.product_id IS NOT NULL AND e.product_id != ?
+WHERE e.product_id IS NOT NULL AND e.product_id != ?{typed.replace("type", "e.type")}
 GROUP BY e.product_id ORDER BY shared DESC, e.product_id LIMIT ?
 """
 
@@ -261,7 +342,13 @@ class SQLiteEventStore(EventStore):
                             f"{self.path} is a SQLite database but not a shopguide event store "
                             f"(tables {sorted(t[0] for t in tables)}); give another path"
                         )
-                    self._create_schema(conn)
+                    self._run_script(conn, _SCHEMA + _SCHEMA_V2)
+                    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+                elif version < SCHEMA_VERSION:
+                    # Same transaction as the version check: a second process opening the file waits,
+                    # then finds it migrated.
+                    for step in range(version, SCHEMA_VERSION):
+                        self._run_script(conn, _MIGRATIONS[step])
                     conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 elif version != SCHEMA_VERSION:
                     raise EventStoreError(
@@ -278,10 +365,10 @@ class SQLiteEventStore(EventStore):
             raise EventStoreError(f"cannot set up the event store {self.path}: {exc}") from exc
 
     @staticmethod
-    def _create_schema(conn: sqlite3.Connection) -> None:
+    def _run_script(conn: sqlite3.Connection, script: str) -> None:
         # executescript would COMMIT our open transaction first; run statement by statement inside it.
         statements, buffer = [], ""
-        for line in _SCHEMA.splitlines(keepends=True):
+        for line in script.splitlines(keepends=True):
             buffer += line
             if sqlite3.complete_statement(buffer):
                 statements.append(buffer)
@@ -351,20 +438,47 @@ class SQLiteEventStore(EventStore):
         )
         return {row[0] for row in rows}
 
-    def delete_user(self, user_id: str) -> int:
-        # The delete trigger takes each event's weight back out of product_stats in this transaction.
-        # No tombstone is kept: an event_id re-sent after the deletion is stored again as new.
+    def _write(self, work: Callable[[sqlite3.Connection], object]) -> object:
+        """Run `work` in one IMMEDIATE transaction on the write connection; rolled back if it fails."""
         with self._write_lock:
             conn = self._writer
             conn.execute("BEGIN IMMEDIATE")
             try:
-                removed = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+                result = work(conn)
                 conn.execute("COMMIT")
             except BaseException:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
-        return removed
+        return result
+
+    def forget_user(self, user_id: str) -> tuple[int, int]:
+        # The delete trigger takes each event's weight back out of product_stats in this transaction.
+        # No tombstone is kept: an event_id re-sent after the deletion is stored again as new.
+        def work(conn: sqlite3.Connection) -> tuple[int, int]:
+            events = conn.execute("DELETE FROM events WHERE user_id = ?", (user_id,)).rowcount
+            served = conn.execute("DELETE FROM served WHERE user_id = ?", (user_id,)).rowcount
+            return events, served
+
+        return self._write(work)  # type: ignore[return-value]
+
+    def add_impressions(self, impressions: Sequence[Impression]) -> None:
+        rows = [(i.request_id, i.user_id, i.module, float(i.ts)) for i in impressions]
+        if rows:
+            self._write(lambda conn: conn.executemany(_INSERT_SERVED_SQL, rows))
+
+    def module_stats(self, user_id: str | None = None) -> dict[str, ModuleStats]:
+        params: tuple = () if user_id is None else (user_id,)
+        impressions = self._read(
+            _MODULE_STATS_SQL.format(where="" if user_id is None else "WHERE user_id = ?"), params
+        )
+        engaged = dict(
+            self._read(
+                _MODULE_ENGAGEMENT_SQL.format(and_user="" if user_id is None else "AND e.user_id = ?"),
+                params,
+            )
+        )
+        return {module: ModuleStats(count, float(engaged.get(module, 0.0))) for module, count in impressions}
 
     def popular(
         self,
@@ -400,12 +514,25 @@ class SQLiteEventStore(EventStore):
             offset += page_size
         return picked
 
-    def co_occurring(self, product_id: str, limit: int = 20) -> list[tuple[str, int]]:
+    def co_occurring(
+        self,
+        product_id: str,
+        limit: int = 20,
+        types: Sequence[str] | None = None,
+        exclude_user: str | None = None,
+    ) -> list[tuple[str, int]]:
         # Cost grows with the events of everyone who touched product_id: fine per product page, not for
         # a blockbuster product on every request (cache it or precompute it offline there).
         if limit <= 0:
             return []
-        return [(pid, n) for pid, n in self._read(_CO_OCCURRING_SQL, (product_id, product_id, limit))]
+        types = tuple(types or ())
+        unknown = sorted(set(types) - set(EVENT_TYPES))
+        if unknown:
+            raise ValueError(f"unknown event type(s) {unknown}; known: {list(EVENT_TYPES)}")
+        params = (product_id, *types, *((exclude_user,) if exclude_user is not None else ()))
+        params += (product_id, *types, limit)
+        rows = self._read(_co_occurring_sql(types, exclude_user is not None), params)
+        return [(pid, n) for pid, n in rows]
 
     def count(self) -> int:
         return self._read("SELECT COUNT(*) FROM events")[0][0]

@@ -19,7 +19,7 @@ import numpy as np
 
 from encoders.alignment import AlignmentHeads
 from index import KEYWORD_FIELDS, Filters, Hit, IndexStore
-from serving.event_store import EventStore
+from serving.event_store import EventStore, Impression
 from serving.search import MODES, check_k, load_heads_for
 from training.events import Event, EventError
 from training.ingest import ALIAS, MANIFEST
@@ -36,6 +36,14 @@ MODE_REASON = {
 }
 FILLED = "filled: not enough matches"
 USER_CACHE_SIZE = 100_000
+# Product page modules in their default order, with the engagement per impression assumed before any
+# evidence (a weak prior, worth `page_prior_strength` impressions). The default order is the priors'.
+PAGE_MODULES = {
+    "similar": ("Similar items", 0.3),
+    "for_you": ("For you", 0.2),
+    "bought_together": ("Frequently bought together", 0.1),
+}
+BOUGHT_TYPES = ("cart", "purchase")  # co-occurrence in these is "bought together"; views are browsing
 
 
 class BadRequestError(ValueError):
@@ -58,6 +66,8 @@ class RecommenderConfig:
     exclude_seen: bool = True  # the feed leaves out products already in the history window
     trending_days: float = 7.0  # cold start: popular over this window, all time if it is empty
     behavior_hnsw_ef: int = 256  # see training.behavior.BEHAVIOR_HNSW_EF
+    page_prior_strength: float = 5.0  # `a` of module interest: how many impressions the prior is worth
+    page_prior_ttl_s: float = 60.0  # the global module rates (a scan of all impressions) are cached
 
     @classmethod
     def from_dict(cls, data: dict | None) -> RecommenderConfig:
@@ -132,6 +142,7 @@ class Recommender:
         self._lock = threading.Lock()  # index writes and cache updates; searches run concurrently
         self._count = (-1e9, 0)  # (monotonic time, product count): see product_count
         self._user_cache: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
+        self._module_priors: tuple[float, dict[str, float]] = (-1e9, {})  # (monotonic time, priors)
         self.sequence = None
         if sequence_model is not None:
             self._load_sequence_model(sequence_model)
@@ -434,22 +445,35 @@ class Recommender:
         return {"user_id": user_id, "events": [e.to_dict() for e in events]}
 
     def delete_user(self, user_id: str) -> dict:
-        deleted = self.events.delete_user(user_id)
+        """Forget a shopper: events, product page impressions and the cached user vector."""
+        events, impressions = self.events.forget_user(user_id)
         with self._lock:
             cached = self._user_cache.pop(user_id, None) is not None
-        return {"user_id": user_id, "deleted_events": deleted, "deleted_cached_vectors": int(cached)}
+        return {
+            "user_id": user_id,
+            "deleted_events": events,
+            "deleted_impressions": impressions,
+            "deleted_cached_vectors": int(cached),
+        }
 
     # ---- personalized feed -------------------------------------------------------------------------
-    def feed(self, user_id: str, k: int = 10, diversity: float = 0.0, filters: Filters | None = None) -> dict:
+    def feed(
+        self,
+        user_id: str,
+        k: int = 10,
+        diversity: float = 0.0,
+        filters: Filters | None = None,
+        exclude: Sequence[str] = (),
+    ) -> dict:
         """The shopper's feed: GRU over recent events (content fallback without a model), cold start
-        for a shopper with no product events, purchases always excluded."""
+        for a shopper with no product events, purchases (and `exclude`) always left out."""
         check_k(k)
         filters = self.check_filters(filters or Filters())
         history = [
             e for e in self.events.history(user_id, self.config.feed_history) if e.product_id is not None
         ]
         purchased = self.events.purchased(user_id)
-        exclude = set(purchased)
+        exclude = set(purchased) | set(exclude)
         if self.config.exclude_seen:
             exclude |= {e.product_id for e in history}
         searches = [e.query for e in self.events.recent(user_id, 10) if e.type == "search" and e.query]
@@ -544,7 +568,7 @@ class Recommender:
                     pick.reasons.append(f"matches your search {query!r}")
                     break
 
-    def _cold_start(self, user_id: str, k: int, filters: Filters, exclude: set[str]) -> dict:
+    def _cold_start(self, user_id: str | None, k: int, filters: Filters, exclude: set[str]) -> dict:
         """A shopper with no product events: trending products (events of the last `trending_days`),
         then all-time popular ones, then the GRU's learned first-purchase popularity."""
         picks: list[_Pick] = []
@@ -573,6 +597,111 @@ class Recommender:
                 picks.append(_Pick(hit.product_id, hit.score, hit.payload, ["popular first purchase"]))
         self._backfill(picks, k, filters, exclude)
         return self._respond(picks, "popularity", user_id=user_id, personalized=False)
+
+    # ---- product page ------------------------------------------------------------------------------
+    def bought_together(self, product_id: str, k: int = 8, user_id: str | None = None) -> dict:
+        """Products other shoppers put in their cart or bought along with `product_id` (co-occurrence
+        within a shopper's cart/purchase events), topped up to k with popular products of the same
+        category labelled as filler."""
+        check_k(k)
+        source = self.product(product_id)
+        title = source.get("title", product_id)
+        ranked = self.events.co_occurring(product_id, k * 3, types=BOUGHT_TYPES, exclude_user=user_id)
+        exclude = {product_id} | (self.events.purchased(user_id) if user_id else set())
+        shoppers = dict(ranked)
+        records = {r.product_id: r for r in self.index.get([pid for pid, _ in ranked if pid not in exclude])}
+        picks: list[_Pick] = []
+        for pid, _ in ranked:  # co-occurrence order; products since deleted from the index are skipped
+            if pid in records and len(picks) < k:
+                n = shoppers[pid]
+                reason = f"bought together with {title} by {n} shopper{'s' if n != 1 else ''}"
+                picks.append(_Pick(pid, float(n), records[pid].payload, [reason]))
+        # Too little evidence (a new or rarely bought product): what sells in the same category, the
+        # narrowest category first, then anything popular.
+        for key in ("subCategory", "masterCategory", None):
+            if len(picks) >= k:
+                break
+            if key is not None and not source.get(key):
+                continue
+            filters = Filters(**{key: (source[key],)}) if key else Filters()
+            taken = exclude | {p.product_id for p in picks}
+            for hit in self._popular(k - len(picks), filters, taken):
+                category = hit.payload.get("articleType") or hit.payload.get("masterCategory") or "the shop"
+                picks.append(_Pick(hit.product_id, 0.0, hit.payload, [f"popular in {category}", FILLED]))
+        return self._respond(picks, "co-occurrence")
+
+    def module_interest(self, user_id: str | None) -> dict[str, float]:
+        """Predicted interest of the shopper in each product page module (see `page`)."""
+        strength = self.config.page_prior_strength
+        priors = self._global_module_rates()
+        mine = self.events.module_stats(user_id) if user_id is not None else {}
+        out = {}
+        for name in PAGE_MODULES:
+            stats = mine.get(name)
+            impressions, engagement = (stats.impressions, stats.engagement) if stats else (0, 0.0)
+            out[name] = (engagement + strength * priors[name]) / (impressions + strength)
+        return out
+
+    def _global_module_rates(self) -> dict[str, float]:
+        """Each module's engagement per impression over all shoppers, shrunk towards its default prior."""
+        now = time.monotonic()
+        with self._lock:
+            loaded, rates = self._module_priors
+            if now - loaded <= self.config.page_prior_ttl_s and rates:
+                return rates
+        stats = self.events.module_stats(None)
+        strength = self.config.page_prior_strength
+        rates = {}
+        for name, (_, default) in PAGE_MODULES.items():
+            found = stats.get(name)
+            impressions, engagement = (found.impressions, found.engagement) if found else (0, 0.0)
+            rates[name] = (engagement + strength * default) / (impressions + strength)
+        with self._lock:
+            self._module_priors = (now, rates)
+        return rates
+
+    def page(self, product_id: str, user_id: str | None = None, k: int = 8) -> dict:
+        """The product page: the product and its modules (similar items, frequently bought together,
+        for you), each with its own request_id, ordered by the shopper's predicted interest.
+
+        Interest of user u in module m = (engagement(u, m) + a * prior(m)) / (impressions(u, m) + a):
+        impressions are the pages that served m to u; engagement sums click 1 / cart 2 / purchase 4 over
+        u's events whose request_id is one of those impressions; a = `page_prior_strength` (5). prior(m)
+        is the same rate over all shoppers, itself shrunk towards the module's default (similar 0.3,
+        for you 0.2, bought together 0.1). Modules are sorted by interest, descending; ties keep the
+        default order. A new shopper gets the priors' order; a shopper who keeps buying from "bought
+        together" sees it first. Each module served to a known user is recorded as an impression."""
+        check_k(k)
+        product = self.product(product_id)
+        interest = self.module_interest(user_id)
+        built = {
+            "similar": self.similar(product_id, k),
+            "bought_together": self.bought_together(product_id, k, user_id),
+            "for_you": (
+                self.feed(user_id, k, exclude=[product_id])
+                if user_id is not None
+                else self._cold_start(None, k, Filters(), {product_id})
+            ),
+        }
+        # sorted() is stable: equal interest keeps PAGE_MODULES order.
+        names = sorted(PAGE_MODULES, key=lambda name: -interest[name])
+        modules = [
+            {
+                "name": name,
+                "title": PAGE_MODULES[name][0],
+                "request_id": built[name]["request_id"],
+                "model_version": built[name]["model_version"],
+                "interest": round(interest[name], 6),
+                "items": built[name]["items"],
+            }
+            for name in names
+        ]
+        if user_id is not None:
+            now = time.time()
+            self.events.add_impressions(
+                [Impression(m["request_id"], user_id, m["name"], now) for m in modules]
+            )
+        return {"request_id": uuid.uuid4().hex, "user_id": user_id, "product": product, "modules": modules}
 
     def close(self) -> None:
         self.index.close()

@@ -81,3 +81,106 @@ def serving_data_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Pa
     copy = tmp_path_factory.mktemp(name) / "data"
     shutil.copytree(_BUILT[base], copy)
     return copy
+
+
+# ---- the storefront's catalog: the tiny catalog plus black (and a few brown) shoes -----------------
+# The browser test searches "black shoes"; the tiny catalog has none. These rows come after its 72
+# products (ids 201+), which stay exactly as they are.
+SHOE_COLOURS = {"Black": (25, 25, 25), "Brown": (120, 72, 36)}
+SHOE_ARTICLES = ("Formal Shoes", "Casual Shoes")
+# (colour, articleType) -> products per gender: 16 black shoes, 4 brown ones so "black" has to filter.
+SHOE_COUNTS = {
+    ("Black", "Formal Shoes"): 4,
+    ("Black", "Casual Shoes"): 4,
+    ("Brown", "Casual Shoes"): 2,
+}
+
+
+def draw_shoe(path: Path, colour: tuple[int, int, int], formal: bool, jitter: int) -> None:
+    """A 96x128 'shoe photo' in profile: a sole, an upper and (casual) white laces, on white."""
+    from PIL import Image, ImageDraw
+
+    image = Image.new("RGB", (96, 128), (255, 255, 255))
+    draw = ImageDraw.Draw(image)
+    x0, y0 = 8 + jitter, 60 + jitter
+    if formal:  # low and pointed
+        draw.polygon([(x0, y0 + 8), (x0 + 30, y0 + 2), (x0 + 78, y0 + 22), (x0, y0 + 26)], fill=colour)
+    else:  # high ankle, round toe, laces
+        draw.polygon([(x0, y0 - 14), (x0 + 26, y0 - 14), (x0 + 76, y0 + 14), (x0, y0 + 26)], fill=colour)
+        for step in range(3):
+            draw.line(
+                [(x0 + 26 + step * 9, y0 - 8 + step * 5), (x0 + 32 + step * 9, y0 - 2 + step * 5)], "white"
+            )
+    draw.rectangle((x0, y0 + 26, x0 + 80, y0 + 32), fill=(200, 200, 200))  # the sole
+    image.save(path, quality=90)
+
+
+def shoe_ids(colour: str | None = None, article: str | None = None) -> list[str]:
+    """Product ids of the storefront catalog's shoes matching the given attributes, in id order."""
+    return [row[0] for row in _shoe_rows() if colour in (None, row[5]) and article in (None, row[4])]
+
+
+def _shoe_rows() -> list[list[str]]:
+    rows = []
+    pid = 200
+    for (colour, article), count in SHOE_COUNTS.items():
+        for gender in GENDERS:
+            for j in range(count):
+                pid += 1
+                title = f"Brand{j} {gender} {colour} {article}"
+                usage = "Formal" if article == "Formal Shoes" else "Casual"
+                rows.append(
+                    [str(pid), gender, "Footwear", "Shoes", article, colour, "Fall", "2013", usage, title]
+                )
+    return rows
+
+
+def build_storefront_data(root: Path) -> Path:
+    """The tiny catalog plus shoes, ingested with the real encoders, with simulated shoppers' events
+    in the event store (popularity, co-occurrence) and a tiny GRU; returns the data dir."""
+    from encoders.sequence import SequenceModelConfig
+    from index import EdgeStore
+    from serving.event_store import SQLiteEventStore
+    from training.catalog import load_catalog
+    from training.events import write_events
+    from training.ingest import run_ingest
+    from training.sequences import TrainConfig, run_train_sequences
+    from training.simulator import SimulatorConfig, simulate_sessions
+
+    rows = _shoe_rows()
+    catalog = make_catalog(root / "catalog", extra_rows=rows)
+    for row in rows:
+        rgb = SHOE_COLOURS[row[5]]
+        draw_shoe(catalog / "images" / f"{row[0]}.jpg", rgb, row[4] == "Formal Shoes", int(row[0]) % 4 * 3)
+    data_dir = root / "data"
+    store = EdgeStore(data_dir / "index")
+    try:
+        summary = run_ingest(catalog, store, data_dir, progress=False)
+    finally:
+        store.close()
+    assert summary.products_total == 72 + len(rows)
+    events, _ = simulate_sessions(load_catalog(catalog).products, SimulatorConfig(30, 3, 0), progress=False)
+    write_events(events, root / "train_events.jsonl")
+    run_train_sequences(
+        root / "train_events.jsonl",
+        data_dir / "models" / "sequence",
+        model_config=SequenceModelConfig(dim=8, hidden=16),
+        train_config=TrainConfig(max_epochs=2),
+        progress=False,
+    )
+    with SQLiteEventStore(data_dir / "events.db") as store_events:
+        store_events.add(events)
+    return data_dir
+
+
+_BUILT_STOREFRONT: dict[Path, Path] = {}  # session base temp -> the storefront data dir built there
+
+
+def storefront_data_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
+    """A private copy of the session's storefront data dir (tiny catalog + shoes; built on first use)."""
+    base = tmp_path_factory.getbasetemp()
+    if base not in _BUILT_STOREFRONT:
+        _BUILT_STOREFRONT[base] = build_storefront_data(tmp_path_factory.mktemp("storefront-base"))
+    copy = tmp_path_factory.mktemp(name) / "data"
+    shutil.copytree(_BUILT_STOREFRONT[base], copy)
+    return copy

@@ -34,6 +34,10 @@ ROUTES = {
     "/events",
     "/users/{user_id}/events",
     "/users/{user_id}",
+    "/visitor",
+    "/catalog/facets",
+    "/catalog/popular",
+    "/products/{product_id}/page",
 }
 POPULARITY_REASON = re.compile(r"^(popular|trending) ")
 
@@ -493,12 +497,19 @@ def test_delete_user_forgets_events_and_returns_to_cold_start(client: TestClient
     user = "leaving-shopper"
     post_events(client, views(user, tiny_ids("Red", "Tshirts")[:3]))
     assert ok(client.get(f"/users/{user}/feed", params={"k": 4}))["personalized"] is True
+    assert ok(client.get("/products/101/page", params={"user_id": user, "k": 2}))["modules"]
     body = ok(client.delete(f"/users/{user}", headers=AUTH))
-    assert body == {"user_id": user, "deleted_events": 3, "deleted_cached_vectors": 1}  # the GRU's vector
+    assert body == {  # the GRU's vector, and the product page's three module impressions
+        "user_id": user,
+        "deleted_events": 3,
+        "deleted_impressions": 3,
+        "deleted_cached_vectors": 1,
+    }
     assert ok(client.get(f"/users/{user}/events"))["events"] == []
     feed = ok(client.get(f"/users/{user}/feed", params={"k": 4}))
     assert feed["personalized"] is False and feed["model_version"] == "popularity"
-    assert ok(client.delete(f"/users/{user}", headers=AUTH))["deleted_events"] == 0
+    again = ok(client.delete(f"/users/{user}", headers=AUTH))
+    assert again["deleted_events"] == 0 and again["deleted_impressions"] == 0
 
 
 # ---- auth --------------------------------------------------------------------------------------------
