@@ -37,29 +37,27 @@ def tiny_ids(colour: str | None = None, article: str | None = None, gender: str 
     return ids
 
 
-def build_serving_data(root: Path) -> Path:
-    """Catalog + index + behavior model + event store under `root`; returns the data dir."""
-    from encoders.sequence import SequenceModelConfig
+def _ingest(catalog: Path, data_dir: Path) -> int:
+    """Index the catalog with the real encoders; returns the products in the index."""
     from index import EdgeStore
-    from serving.event_store import SQLiteEventStore
-    from training.catalog import load_catalog
-    from training.events import write_events
     from training.ingest import run_ingest
-    from training.sequences import TrainConfig, run_train_sequences
-    from training.simulator import SimulatorConfig, simulate_sessions
 
-    catalog = make_catalog(root / "catalog")
-    data_dir = root / "data"
     store = EdgeStore(data_dir / "index")
     try:
-        summary = run_ingest(catalog, store, data_dir, progress=False)
+        return run_ingest(catalog, store, data_dir, progress=False).products_total
     finally:
         store.close()
-    assert summary.products_total == 72
-    events, _ = simulate_sessions(load_catalog(catalog).products, SimulatorConfig(30, 3, 0), progress=False)
-    unseen = set(tiny_ids(*UNSEEN_BY_GRU))
-    write_events([e for e in events if e.product_id not in unseen], root / "train_events.jsonl")
-    # A model at DATA_DIR/models/sequence is what resolve_paths picks up by default.
+
+
+def _train_and_store(root: Path, data_dir: Path, train_events: list, store_events: list) -> None:
+    """A tiny GRU at DATA_DIR/models/sequence (what resolve_paths picks up by default) trained on
+    `train_events`, and `store_events` in the event store (the cold start's popularity)."""
+    from encoders.sequence import SequenceModelConfig
+    from serving.event_store import SQLiteEventStore
+    from training.events import write_events
+    from training.sequences import TrainConfig, run_train_sequences
+
+    write_events(train_events, root / "train_events.jsonl")
     run_train_sequences(
         root / "train_events.jsonl",
         data_dir / "models" / "sequence",
@@ -67,9 +65,22 @@ def build_serving_data(root: Path) -> Path:
         train_config=TrainConfig(max_epochs=2),
         progress=False,
     )
+    with SQLiteEventStore(data_dir / "events.db") as store:
+        store.add(store_events)
+
+
+def build_serving_data(root: Path) -> Path:
+    """Catalog + index + behavior model + event store under `root`; returns the data dir."""
+    from training.catalog import load_catalog
+    from training.simulator import SimulatorConfig, simulate_sessions
+
+    catalog = make_catalog(root / "catalog")
+    data_dir = root / "data"
+    assert _ingest(catalog, data_dir) == 72
+    events, _ = simulate_sessions(load_catalog(catalog).products, SimulatorConfig(30, 3, 0), progress=False)
+    unseen = set(tiny_ids(*UNSEEN_BY_GRU))
     # Past shoppers (all simulated events, dated January 2026) give the cold start its popularity.
-    with SQLiteEventStore(data_dir / "events.db") as store_events:
-        store_events.add(events)
+    _train_and_store(root, data_dir, [e for e in events if e.product_id not in unseen], events)
     return data_dir
 
 
@@ -138,13 +149,7 @@ def _shoe_rows() -> list[list[str]]:
 def build_storefront_data(root: Path) -> Path:
     """The tiny catalog plus shoes, ingested with the real encoders, with simulated shoppers' events
     in the event store (popularity, co-occurrence) and a tiny GRU; returns the data dir."""
-    from encoders.sequence import SequenceModelConfig
-    from index import EdgeStore
-    from serving.event_store import SQLiteEventStore
     from training.catalog import load_catalog
-    from training.events import write_events
-    from training.ingest import run_ingest
-    from training.sequences import TrainConfig, run_train_sequences
     from training.simulator import SimulatorConfig, simulate_sessions
 
     rows = _shoe_rows()
@@ -153,23 +158,9 @@ def build_storefront_data(root: Path) -> Path:
         rgb = SHOE_COLOURS[row[5]]
         draw_shoe(catalog / "images" / f"{row[0]}.jpg", rgb, row[4] == "Formal Shoes", int(row[0]) % 4 * 3)
     data_dir = root / "data"
-    store = EdgeStore(data_dir / "index")
-    try:
-        summary = run_ingest(catalog, store, data_dir, progress=False)
-    finally:
-        store.close()
-    assert summary.products_total == 72 + len(rows)
+    assert _ingest(catalog, data_dir) == 72 + len(rows)
     events, _ = simulate_sessions(load_catalog(catalog).products, SimulatorConfig(30, 3, 0), progress=False)
-    write_events(events, root / "train_events.jsonl")
-    run_train_sequences(
-        root / "train_events.jsonl",
-        data_dir / "models" / "sequence",
-        model_config=SequenceModelConfig(dim=8, hidden=16),
-        train_config=TrainConfig(max_epochs=2),
-        progress=False,
-    )
-    with SQLiteEventStore(data_dir / "events.db") as store_events:
-        store_events.add(events)
+    _train_and_store(root, data_dir, events, events)
     return data_dir
 
 
