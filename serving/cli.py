@@ -324,11 +324,10 @@ def _promote(args: argparse.Namespace, registry, version: str, events: list) -> 
 
 
 def cmd_train_update(args: argparse.Namespace) -> int:
-    from training.events import read_events
     from training.sequences import load_config_file
     from training.update import run_update
 
-    events = list(read_events(args.events))
+    events = _load_events(args)
     model_config, train_config = load_config_file(args.config)
     registry = _registry(args)
     summary = run_update(
@@ -358,10 +357,22 @@ def cmd_models_list(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_models_promote(args: argparse.Namespace) -> int:
+def _load_events(args: argparse.Namespace) -> list:
+    """The events to train or gate on: a JSON-lines file if given, else a snapshot of the event store."""
+    from serving.event_store import SQLiteEventStore
     from training.events import read_events
 
-    return _promote(args, _registry(args), args.version, list(read_events(args.events)))
+    if args.events is not None:
+        return list(read_events(args.events))
+    db = args.data_dir / "events.db"
+    if not db.is_file():
+        raise FileNotFoundError(f"no event store at {db}; pass --events FILE.jsonl or post events first")
+    with SQLiteEventStore(db) as store:
+        return list(store.iter_events())
+
+
+def cmd_models_promote(args: argparse.Namespace) -> int:
+    return _promote(args, _registry(args), args.version, _load_events(args))
 
 
 def cmd_models_rollback(args: argparse.Namespace) -> int:
@@ -495,7 +506,9 @@ def build_parser() -> argparse.ArgumentParser:
         "update", help="update the user encoder from events: incremental, full or hybrid"
     )
     t.add_argument("--strategy", choices=("incremental", "full", "hybrid"), default="hybrid")
-    t.add_argument("--events", type=Path, required=True, help="events as JSON lines (all of them)")
+    t.add_argument(
+        "--events", type=Path, help="events as JSON lines (default: DATA_DIR/events.db, the store)"
+    )
     t.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="its models/registry holds versions"
     )

@@ -6,7 +6,7 @@ import sqlite3
 import threading
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -115,6 +115,10 @@ class EventStore(ABC):
 
         `types`: count only events of these types, on both sides (("cart", "purchase") is "bought
         together"). `exclude_user`: leave this user out (a shopper is not their own evidence)."""
+
+    @abstractmethod
+    def iter_events(self, batch: int = 10_000) -> Iterator[Event]:
+        """Every stored event in arrival order, read in batches (a training snapshot)."""
 
     @abstractmethod
     def count(self) -> int:
@@ -533,6 +537,19 @@ class SQLiteEventStore(EventStore):
         params += (product_id, *types, limit)
         rows = self._read(_co_occurring_sql(types, exclude_user is not None), params)
         return [(pid, n) for pid, n in rows]
+
+    def iter_events(self, batch: int = 10_000) -> Iterator[Event]:
+        # Keyset pagination on seq: each batch is one short read, so writers are never held up for long.
+        after = 0
+        while True:
+            rows = self._read(
+                f"SELECT seq, {_COLUMNS} FROM events WHERE seq > ? ORDER BY seq LIMIT ?", (after, batch)
+            )
+            if not rows:
+                return
+            for row in rows:
+                yield _event(row[1:])
+            after = rows[-1][0]
 
     def count(self) -> int:
         return self._read("SELECT COUNT(*) FROM events")[0][0]

@@ -130,3 +130,31 @@ def test_cli_update_promote_list_rollback(tmp_path: Path, capsys) -> None:
     assert "live model is now" in capsys.readouterr().out
     assert main(["models", "rollback", "--data-dir", str(tmp_path / "data")]) == 2  # nothing earlier
     assert "first live version" in capsys.readouterr().err
+
+
+def test_cli_update_reads_the_event_store_by_default(tmp_path: Path, capsys) -> None:
+    from serving.cli import main
+    from serving.event_store import SQLiteEventStore
+
+    events = _events(range(40), 12, start=0.0, seed=9)
+    with SQLiteEventStore(tmp_path / "data" / "events.db") as store:
+        store.add(events)
+        assert [e.event_id for e in store.iter_events(batch=7)] == [e.event_id for e in events]
+    config = tmp_path / "tiny.yaml"
+    config.write_text("model: {dim: 8, hidden: 16}\ntrain: {max_epochs: 1, batch_size: 32}\n")
+    args = [
+        "train",
+        "update",
+        "--strategy",
+        "full",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--config",
+        str(config),
+    ]
+    assert main([*args, "--no-progress"]) == 0
+    assert "full update" in capsys.readouterr().out
+    trained = ModelRegistry(tmp_path / "data" / "models" / "registry").list()
+    assert len(trained) == 1 and trained[0].training["events"] == len(events)  # the store's whole snapshot
+    assert main(["train", "update", "--data-dir", str(tmp_path / "nowhere"), "--no-progress"]) == 2
+    assert "no event store" in capsys.readouterr().err
