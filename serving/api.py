@@ -35,7 +35,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match
@@ -148,6 +148,14 @@ class EventIn(BaseModel):
 class EventsIn(BaseModel):
     model_config = ConfigDict(extra="forbid")
     events: list[EventIn] = Field(min_length=1, max_length=MAX_EVENTS_PER_REQUEST)
+
+
+class ProductUpdate(BaseModel):
+    """A payload-only product change; at least one field."""
+
+    model_config = ConfigDict(extra="forbid")
+    price: float | None = Field(None, ge=0, allow_inf_nan=False)
+    in_stock: StrictBool | None = None
 
 
 class EventsAccepted(BaseModel):
@@ -738,6 +746,18 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     ) -> dict:
         """The shopper's stored events, newest first."""
         return await backend.call("user_events", user_id, limit)
+
+    @app.patch(
+        "/products/{product_id}",
+        tags=["catalog"],
+        responses=ERROR_RESPONSES,
+        dependencies=[Depends(require_key)],
+    )
+    async def update_product(
+        product_id: str, body: ProductUpdate, backend: Backend = Depends(get_backend)
+    ) -> dict:
+        """Change a product's price and/or stock (payload only: its vectors stay); the next query sees it."""
+        return await backend.call("update_product", product_id, body.model_dump(exclude_unset=True))
 
     @app.delete(
         "/users/{user_id}", tags=["events"], responses=ERROR_RESPONSES, dependencies=[Depends(require_key)]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 from dataclasses import fields
@@ -380,6 +381,32 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_products_update(args: argparse.Namespace) -> int:
+    from index import UnknownProductError
+    from training.ingest import ALIAS
+
+    fields = {}
+    if args.price is not None:
+        if not math.isfinite(args.price) or args.price < 0:
+            raise ValueError(f"--price must be a finite number >= 0, got {args.price}")
+        fields["price"] = float(args.price)
+    if args.in_stock is not None:
+        fields["in_stock"] = args.in_stock
+    if not fields:
+        raise ValueError("nothing to change: give --price and/or --in-stock / --out-of-stock")
+    store = _store(args)  # a running `shopguide serve` owns the embedded index: then use PATCH /products/ID
+    try:
+        index = store.open(ALIAS)
+        if not index.get([args.product_id]):
+            raise UnknownProductError(f"product {args.product_id!r} is not in the index")
+        index.set_payload(args.product_id, fields)
+        payload = index.get([args.product_id])[0].payload
+    finally:
+        store.close()
+    print(f"{args.product_id}: price {payload.get('price')}, in stock {payload.get('in_stock')}")
+    return 0
+
+
 def cmd_events_import(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -588,6 +615,19 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", type=Path, required=True, help="a `shopguide train sequences` folder")
     _add_store(b)
     b.set_defaults(func=cmd_index_behavior)
+
+    p = sub.add_parser("products", help="catalog changes without re-embedding")
+    products_sub = p.add_subparsers(dest="what", required=True)
+    m = products_sub.add_parser(
+        "update", help="payload-only price / stock change (PATCH /products/ID while serving)"
+    )
+    m.add_argument("product_id")
+    m.add_argument("--price", type=float)
+    stock = m.add_mutually_exclusive_group()
+    stock.add_argument("--in-stock", dest="in_stock", action="store_true", default=None)
+    stock.add_argument("--out-of-stock", dest="in_stock", action="store_false")
+    _add_store(m)
+    m.set_defaults(func=cmd_products_update)
 
     p = sub.add_parser("events", help="the event store")
     ev_sub = p.add_subparsers(dest="what", required=True)

@@ -42,6 +42,7 @@ RECOMMENDER_METHODS = frozenset(
         "add_events",
         "user_events",
         "delete_user",
+        "update_product",
     }
 )
 

@@ -7,6 +7,7 @@ single process) and inside a Ray Serve deployment.
 from __future__ import annotations
 
 import json
+import math
 import threading
 import time
 import uuid
@@ -238,6 +239,29 @@ class Recommender:
         if not found:
             raise NotFoundError(f"product {product_id!r} is not in the catalog")
         return {"product_id": product_id, **found[0].payload}
+
+    def update_product(self, product_id: str, fields: dict) -> dict:
+        """Payload-only update of price and/or stock (vectors untouched), visible to the next query."""
+        unknown = sorted(set(fields) - {"price", "in_stock"})
+        if unknown or not fields:
+            raise BadRequestError(
+                f"only price and in_stock can be updated here, got {sorted(fields) or 'nothing'}"
+            )
+        price = fields.get("price")
+        if "price" in fields and (
+            isinstance(price, bool)
+            or not isinstance(price, int | float)
+            or not math.isfinite(price)
+            or price < 0
+        ):
+            raise BadRequestError(f"price must be a finite number >= 0, got {price!r}")
+        if "in_stock" in fields and not isinstance(fields["in_stock"], bool):
+            raise BadRequestError(f"in_stock must be true or false, got {fields['in_stock']!r}")
+        self.product(product_id)  # 404 before writing anything
+        clean = {k: float(v) if k == "price" else v for k, v in fields.items()}
+        with self._lock:
+            self.index.set_payload(product_id, clean)
+        return self.product(product_id)
 
     def image_path(self, product_id: str) -> Path:
         """The product's photo on disk; only for products in the index (so ids never become paths)."""
