@@ -61,6 +61,13 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _write_json(path: Path, data: dict) -> None:
+    """Write a command's result as JSON (parent folders created) and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
+    print(f"wrote {path}")
+
+
 def _add_gate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--tolerance",
@@ -143,7 +150,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     if summary.heads_metrics:
         print(f"alignment heads: {summary.heads_metrics}")
     if args.json:
-        args.json.write_text(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False))
+        _write_json(args.json, summary.to_dict())
     return 0
 
 
@@ -191,9 +198,7 @@ def cmd_eval_catalog(args: argparse.Namespace) -> int:
     )
     print_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        _write_json(args.json, result)
     return 0
 
 
@@ -203,9 +208,7 @@ def cmd_eval_questions(args: argparse.Namespace) -> int:
     result = run_question_eval(args.catalog, args.data_dir, limit=args.limit, progress=True)
     print_question_table(result)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
-        print(f"wrote {args.json}")
+        _write_json(args.json, result)
     return 0
 
 
@@ -242,9 +245,7 @@ def cmd_eval_sequences(args: argparse.Namespace) -> int:
         write_topk_tsv(result, args.topk_out)
         print(f"wrote {args.topk_out}")
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({k: v for k, v in result.items() if k != "topk"}, indent=2))
-        print(f"wrote {args.json}")
+        _write_json(args.json, {k: v for k, v in result.items() if k != "topk"})
     return 0
 
 
@@ -256,8 +257,7 @@ def cmd_bench_index(args: argparse.Namespace) -> int:
     result = bench_index(points=args.points, dim=args.dim, queries=args.queries, real_vectors=real)
     print(json.dumps(result, indent=2))
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=2))
+        _write_json(args.json, result)
     return 0
 
 

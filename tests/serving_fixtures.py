@@ -84,14 +84,19 @@ def build_serving_data(root: Path) -> Path:
     return data_dir
 
 
+def _private_copy(tmp_path_factory: pytest.TempPathFactory, name: str, build, built: dict) -> Path:
+    """A private copy of a data dir built once per test session by `build(root)`."""
+    base = tmp_path_factory.getbasetemp()
+    if base not in built:
+        built[base] = build(tmp_path_factory.mktemp(f"{build.__name__}-base"))
+    copy = tmp_path_factory.mktemp(name) / "data"
+    shutil.copytree(built[base], copy)
+    return copy
+
+
 def serving_data_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A private copy of the session's serving data dir (built on first use)."""
-    base = tmp_path_factory.getbasetemp()
-    if base not in _BUILT:
-        _BUILT[base] = build_serving_data(tmp_path_factory.mktemp("serving-base"))
-    copy = tmp_path_factory.mktemp(name) / "data"
-    shutil.copytree(_BUILT[base], copy)
-    return copy
+    return _private_copy(tmp_path_factory, name, build_serving_data, _BUILT)
 
 
 # ---- the storefront's catalog: the tiny catalog plus black (and a few brown) shoes -----------------
@@ -169,9 +174,4 @@ _BUILT_STOREFRONT: dict[Path, Path] = {}  # session base temp -> the storefront 
 
 def storefront_data_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A private copy of the session's storefront data dir (tiny catalog + shoes; built on first use)."""
-    base = tmp_path_factory.getbasetemp()
-    if base not in _BUILT_STOREFRONT:
-        _BUILT_STOREFRONT[base] = build_storefront_data(tmp_path_factory.mktemp("storefront-base"))
-    copy = tmp_path_factory.mktemp(name) / "data"
-    shutil.copytree(_BUILT_STOREFRONT[base], copy)
-    return copy
+    return _private_copy(tmp_path_factory, name, build_storefront_data, _BUILT_STOREFRONT)
