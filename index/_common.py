@@ -93,6 +93,17 @@ class PreparedPoint:
         return {space: row.tolist() for space, row in self.vectors.items()}
 
 
+def check_droppable(collection: str, spaces: dict[str, VectorSpace], name: str) -> bool:
+    """True if `name` is a space to drop; False if it is not there (a no-op); raises for the last one."""
+    if name not in spaces:
+        return False
+    if len(spaces) == 1:
+        raise SchemaMismatchError(
+            f"{name!r} is the only vector space of collection {collection!r}; drop the collection instead"
+        )
+    return True
+
+
 def check_new_space(collection: str, spaces: dict[str, VectorSpace], space: VectorSpace) -> bool:
     """Validate a space to add to an existing collection; True if it is already there, identical."""
     check_spaces_def([space])

@@ -209,6 +209,12 @@ class VectorIndex(ABC):
         """
 
     @abstractmethod
+    def drop_space(self, name: str) -> None:
+        """Remove a named vector (its vectors on every point, and its metadata), e.g. the behavior space
+        of a model that is no longer served. An unknown name is a no-op, so a retried drop is safe;
+        dropping a collection's last space raises SchemaMismatchError (drop the collection instead)."""
+
+    @abstractmethod
     def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
         """Set named vectors on existing points: product id -> {space: (dim,) vector}.
 

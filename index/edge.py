@@ -16,6 +16,7 @@ import qdrant_edge as qe
 from ._common import (
     INDEXED_FIELDS,
     WRITE_BATCH,
+    check_droppable,
     check_name,
     check_new_space,
     check_payload_fields,
@@ -56,15 +57,19 @@ _SCHEMA = {
     "bool": qe.PayloadSchemaType.Bool,
 }
 
+# EdgeSettings.quantization names; only scalar int8 so far (the engine default quantile, 1.0).
+QUANTIZATIONS = {"int8": lambda: qe.ScalarQuantizationConfig(type=qe.ScalarType.Int8)}
+
 
 @dataclass(frozen=True)
 class EdgeSettings:
-    """HNSW and optimizer knobs; None keeps the engine default.
+    """HNSW, optimizer and quantization knobs; None keeps the engine default.
 
-    All but `hnsw_ef` are fixed when a shard is created; `hnsw_ef` applies to every search of the
-    store that carries it. Measured recall@10 at the defaults (m=16, ef=100): 0.96 on 11k MiniLM
-    title embeddings, but only 0.17 on 100k random 256-d vectors (HNSW's worst case; 0.83 at
-    hnsw_ef=1024), so measure on real vectors before tuning (index.bench.hnsw_recall).
+    `hnsw_ef` and the `quantization_*` search knobs apply to every search of the store that carries
+    them; the rest are fixed when a shard is created. Measured recall@10 at the defaults (m=16,
+    ef=100): 0.96 on 11k MiniLM title embeddings, but only 0.17 on 100k random 256-d vectors
+    (HNSW's worst case; 0.83 at hnsw_ef=1024), so measure on real vectors before tuning
+    (index.bench.hnsw_recall; int8 quantization: tests/bench/bench_quantization.py).
     """
 
     m: int | None = None  # HNSW edges per node (engine default 16)
@@ -72,9 +77,40 @@ class EdgeSettings:
     full_scan_threshold_kb: int | None = None  # segments with fewer KB of vectors are scanned, not walked
     indexing_threshold_kb: int | None = None  # optimize() builds HNSW only for segments above this size
     hnsw_ef: int | None = None  # search-time candidate list (default = ef_construct): recall vs latency
+    # "int8": scalar quantization of every vector space: a 1-byte copy of each component searched
+    # first (4x less RAM than float32), the float32 originals kept for rescoring.
+    quantization: str | None = None
+    vectors_on_disk: bool | None = None  # float32 originals on disk (mmap), not held in RAM (default: RAM)
+    quantization_rescore: bool | None = None  # re-rank int8 hits with the originals (None: engine's choice)
+    quantization_oversampling: float | None = None  # int8 candidates fetched = oversampling x k (>= 1)
 
-    def search_params(self) -> qe.SearchParams | None:
-        return None if self.hnsw_ef is None else qe.SearchParams(hnsw_ef=self.hnsw_ef)
+    def __post_init__(self) -> None:
+        if self.quantization is not None and self.quantization not in QUANTIZATIONS:
+            raise ValueError(
+                f"unknown quantization {self.quantization!r}; known: {sorted(QUANTIZATIONS)} (or None)"
+            )
+        if self.quantization_oversampling is not None and self.quantization_oversampling < 1:
+            raise ValueError(f"quantization_oversampling must be >= 1, got {self.quantization_oversampling}")
+
+    def search_params(self, hnsw_ef: int | None = None) -> qe.SearchParams | None:
+        """Search parameters; `hnsw_ef` overrides the store's for one call."""
+        ef = hnsw_ef or self.hnsw_ef
+        quantization = None
+        if self.quantization_rescore is not None or self.quantization_oversampling is not None:
+            quantization = qe.QuantizationSearchParams(
+                rescore=self.quantization_rescore, oversampling=self.quantization_oversampling
+            )
+        if ef is None and quantization is None:
+            return None
+        return qe.SearchParams(hnsw_ef=None if ef is None else int(ef), quantization=quantization)
+
+    def quantization_config(self) -> qe.ScalarQuantizationConfig | None:
+        return None if self.quantization is None else QUANTIZATIONS[self.quantization]()
+
+    def vector_memory(self) -> qe.Memory | None:
+        if self.vectors_on_disk is None:
+            return None
+        return qe.Memory.Cold if self.vectors_on_disk else qe.Memory.Cached
 
     def hnsw_config(self) -> qe.HnswIndexConfig | None:
         if self.m is None and self.ef_construct is None and self.full_scan_threshold_kb is None:
@@ -169,7 +205,8 @@ class EdgeIndex(VectorIndex):
         self.spaces = spaces
         self._shard: qe.EdgeShard | None = shard
         self._store = store
-        self._params = (settings or EdgeSettings()).search_params()
+        self._settings = settings or EdgeSettings()
+        self._params = self._settings.search_params()
 
     @property
     def shard(self) -> qe.EdgeShard:
@@ -223,6 +260,16 @@ class EdgeIndex(VectorIndex):
         _atomic_write(self.path / SPACES_FILE, json.dumps(spaces_to_json(spaces), indent=1))
         self.spaces = spaces
 
+    def drop_space(self, name: str) -> None:
+        if not check_droppable(self.name, self.spaces, name):
+            return
+        spaces = {k: v for k, v in self.spaces.items() if k != name}
+        # Metadata first, engine second: a crash in between leaves an engine vector nobody reads, and
+        # add_space of that name again re-creates it (an identical engine vector is a no-op).
+        _atomic_write(self.path / SPACES_FILE, json.dumps(spaces_to_json(spaces), indent=1))
+        self.spaces = spaces
+        self.shard.update(qe.UpdateOperation.delete_vector_name(name))
+
     def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
         updates = prepare_vector_updates(self.name, self.spaces, vectors)
         require_points(
@@ -242,7 +289,7 @@ class EdgeIndex(VectorIndex):
             query=qe.Query.Nearest(row.tolist(), using=space),
             filter=flt,
             with_payload=True,
-            params=qe.SearchParams(hnsw_ef=int(hnsw_ef)) if hnsw_ef else self._params,
+            params=self._settings.search_params(hnsw_ef) if hnsw_ef else self._params,
         )
 
     def search(
@@ -362,9 +409,13 @@ class EdgeStore(IndexStore):
             )
         config = qe.EdgeConfig(
             vectors={
-                s.name: qe.EdgeVectorParams(size=int(s.dim), distance=qe.Distance.Cosine) for s in spaces
+                s.name: qe.EdgeVectorParams(
+                    size=int(s.dim), distance=qe.Distance.Cosine, memory=self.settings.vector_memory()
+                )
+                for s in spaces
             },
             hnsw_config=self.settings.hnsw_config(),
+            quantization_config=self.settings.quantization_config(),
             optimizers=self.settings.optimizers(),
         )
         shard = qe.EdgeShard.create(str(path), config)

@@ -8,10 +8,12 @@ from collections.abc import Iterator, Sequence
 
 import numpy as np
 from qdrant_client import QdrantClient, models
+from qdrant_client.http.exceptions import ResponseHandlingException, UnexpectedResponse
 
 from ._common import (
     INDEXED_FIELDS,
     WRITE_BATCH,
+    check_droppable,
     check_name,
     check_new_space,
     check_payload_fields,
@@ -46,6 +48,8 @@ from .base import (
 # The vector spaces travel in the collection's own metadata (Qdrant >= 1.16), so no reserved point
 # or side collection is needed and searches never see bookkeeping data.
 METADATA_KEY = "shopguide_spaces"
+# Collection metadata (where the spaces live) arrived in Qdrant 1.16; an older server drops it silently.
+MIN_SERVER_VERSION = (1, 16)
 
 _SCHEMA = {
     "keyword": models.PayloadSchemaType.KEYWORD,
@@ -116,8 +120,18 @@ class ServerIndex(VectorIndex):
             raise UnknownProductError(f"no product {product_id!r} in collection {self.name!r}")
         self.client.set_payload(self.name, payload=fields, points=[pid], wait=True)
 
+    def _reload_spaces(self) -> dict[str, VectorSpace]:
+        """The spaces as the server lists them now. Other processes (every Recommender replica, a CLI)
+        add and drop spaces of the same collection, so a change is computed from this, never from the
+        list this handle read when it opened: that would put back a space another one dropped, or drop
+        one it added (measured: two handles, each adding a space, left only the second one listed)."""
+        metadata = self.client.get_collection(self.name).config.metadata or {}
+        if METADATA_KEY in metadata:
+            self.spaces = spaces_from_json(metadata[METADATA_KEY])
+        return self.spaces
+
     def add_space(self, space: VectorSpace) -> None:
-        if check_new_space(self.name, self.spaces, space):
+        if check_new_space(self.name, self._reload_spaces(), space):
             return
         config = models.DenseVectorNameConfig(
             dense=models.DenseVectorConfig(size=int(space.dim), distance=models.Distance.COSINE)
@@ -125,10 +139,19 @@ class ServerIndex(VectorIndex):
         # Vector first, metadata second: a failure in between leaves a vector nobody writes to, and a
         # retry finishes the job (re-creating an identical vector is a no-op: measured in local mode).
         self.client.create_vector_name(self.name, space.name, vector_name_config=config, wait=True)
-        spaces = {**self.spaces, space.name: space}
+        spaces = {**self._reload_spaces(), space.name: space}
         # Metadata updates merge by top-level key, so this replaces only our key's list.
         self.client.update_collection(self.name, metadata={METADATA_KEY: spaces_to_json(spaces)})
         self.spaces = spaces
+
+    def drop_space(self, name: str) -> None:
+        if not check_droppable(self.name, self._reload_spaces(), name):
+            return
+        spaces = {k: v for k, v in self.spaces.items() if k != name}
+        # Metadata first (as in the embedded backend): an engine vector nobody lists is harmless.
+        self.client.update_collection(self.name, metadata={METADATA_KEY: spaces_to_json(spaces)})
+        self.spaces = spaces
+        self.client.delete_vector_name(self.name, name, wait=True)
 
     def update_vectors(self, vectors: dict[str, dict[str, np.ndarray]]) -> None:
         updates = prepare_vector_updates(self.name, self.spaces, vectors)
@@ -240,8 +263,57 @@ class ServerStore(IndexStore):
         self.url = url
         if url == ":memory:":
             self.client = QdrantClient(location=":memory:")
-        else:
-            self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout)
+            return
+        # check_compatibility=False: _check_server does that check itself, in the foreground, so an
+        # unreachable server gives one error instead of that error plus a late warning from a thread.
+        self.client = QdrantClient(url=url, api_key=api_key, timeout=timeout, check_compatibility=False)
+        try:
+            self._check_server(keyed=api_key is not None)
+        except BaseException:
+            self.client.close()
+            raise
+
+    def _check_server(self, keyed: bool) -> None:
+        """Fail now, in one line that says what to fix, if the server is unreachable, refuses the key
+        or is too old; otherwise the first real call would fail with a transport traceback."""
+        try:
+            self.client.get_collections()  # needs the key when the server has one (`/` does not)
+            version = self.client.info().version
+        except UnexpectedResponse as exc:
+            if exc.status_code in (401, 403):
+                why = "refused the API key" if keyed else "needs an API key"
+                raise IndexError_(
+                    f"the Qdrant server at {self.url} {why} (HTTP {exc.status_code}); put its key in the "
+                    "environment variable named by --qdrant-api-key-env (default QDRANT_API_KEY)"
+                ) from exc
+            raise IndexError_(
+                f"{self.url} answered HTTP {exc.status_code} {exc.reason_phrase}; "
+                "is it a Qdrant server's REST address (port 6333)?"
+            ) from exc
+        except ResponseHandlingException as exc:
+            raise IndexError_(
+                f"cannot reach a Qdrant server at {self.url} ({exc.source}); start it, or fix --qdrant-url"
+            ) from exc
+        try:
+            major_minor = tuple(int(part) for part in version.split(".")[:2])
+        except ValueError:  # a development build ("dev"): nothing to compare
+            return
+        if major_minor < MIN_SERVER_VERSION:
+            needed = ".".join(map(str, MIN_SERVER_VERSION))
+            raise IndexError_(
+                f"the Qdrant server at {self.url} runs {version}; shopguide keeps each collection's vector "
+                f"spaces in collection metadata, which needs Qdrant >= {needed}: upgrade the server"
+            )
+
+    def open(self, alias: str) -> ServerIndex:
+        # The base class's error says "run `shopguide ingest`"; against a server the command needs
+        # the URL too, or it would fill the embedded index instead.
+        if self.get_alias(alias) is None:
+            raise UnknownCollectionError(
+                f"no alias {alias!r} on {self.url} (collections there: {self.list_collections()}); "
+                f"run `shopguide ingest --qdrant-url {self.url}` first"
+            )
+        return super().open(alias)
 
     def create_collection(self, name: str, spaces: Sequence[VectorSpace]) -> ServerIndex:
         by_name = check_spaces_def(spaces)

@@ -514,6 +514,24 @@ def test_add_space_is_idempotent_and_mismatch_names_both(store: IndexStore, inde
     reopened.check_spaces({**{s.name: s for s in SPACES}, "behavior": BEHAVIOR})
 
 
+def test_drop_space_removes_vectors_and_metadata(store: IndexStore, index: VectorIndex) -> None:
+    add_behavior(index)
+    index.drop_space("behavior")
+    index.drop_space("behavior")  # already gone: a no-op, so a retried drop is safe
+    assert "behavior" not in index.spaces
+    assert store.open_collection("products_v1").spaces == {s.name: s for s in SPACES}
+    assert all(set(r.vectors) == {"image", "text"} for r in index.get(CATALOG.ids, with_vectors=True))
+    with pytest.raises(SchemaMismatchError, match="behavior"):
+        index.search("behavior", BEHAVIOR_QUERIES[0], k=3)
+    add_behavior(index)  # the name can be added again, and fills again
+    assert len(index.search("behavior", BEHAVIOR_QUERIES[0], k=N_POINTS)) == len(FILLED)
+    index.drop_space("image")
+    index.drop_space("behavior")
+    with pytest.raises(SchemaMismatchError, match="only vector space"):
+        index.drop_space("text")
+    assert list(index.spaces) == ["text"]
+
+
 def test_update_vectors_unknown_product_writes_nothing(
     index: VectorIndex, monkeypatch: pytest.MonkeyPatch
 ) -> None:
