@@ -11,7 +11,7 @@ DEMO_LIMIT ?= 2000
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install chromium test demo clean-demo bench lint format clean
+.PHONY: install chromium test demo clean-demo loop bench lint format clean
 
 install: $(STAMP) chromium
 
@@ -51,6 +51,15 @@ demo: install
 clean-demo:
 	rm -rf $(DEMO_DIR)
 
+# The closed-loop simulator (`shopguide simulate loop`): 300 simulated shoppers use the HTTP API for 7
+# days under each strategy (popularity, none, incremental, full, hybrid), on copies of the demo's index
+# (ingested first if needed). CTR, CVR, coverage, Gini and training seconds per day and strategy go to
+# the table printed, $(LOOP_OUT) and a PNG beside it. 15-25 minutes on 2 shared cores.
+LOOP_OUT ?= results/simulate_loop.json
+loop: install
+	$(BIN)/shopguide ingest --catalog $(CATALOG) --data-dir $(DEMO_DIR) $(if $(DEMO_LIMIT),--limit $(DEMO_LIMIT))
+	$(BIN)/shopguide simulate loop --data-dir $(DEMO_DIR) --out $(LOOP_OUT)
+
 SEQ_BENCH_MODEL := data/bench-seq/beauty
 
 BENCH_DIR := data/bench
@@ -58,6 +67,7 @@ BENCH_DIR := data/bench
 bench: install
 	$(BIN)/python tests/bench/bench_ingest.py --catalog $(CATALOG)
 	$(BIN)/python tests/bench/bench_index.py --catalog $(CATALOG)
+	$(BIN)/python tests/bench/bench_quantization.py --source $(BENCH_DIR)/index
 	test -f $(SEQ_BENCH_MODEL)/sequence_model.pt || $(BIN)/shopguide train sequences \
 	  --dataset $(DATASETS)/amazon-sequences/Beauty.txt \
 	  --attributes $(DATASETS)/amazon-sequences/Beauty_item2attributes.json --out $(SEQ_BENCH_MODEL)
@@ -68,6 +78,19 @@ bench: install
 	  --dataset $(BENCH_DIR)/events/simulated.jsonl --out $(BENCH_DIR)/models/sequence --no-progress
 	$(BIN)/python tests/bench/bench_serve.py --data-dir $(BENCH_DIR)
 	$(BIN)/python tests/bench/bench_event_effect.py --data-dir $(BENCH_DIR)
+	$(BIN)/python tests/bench/bench_reembed.py --catalog $(CATALOG)
+
+# Overload soak and replica kills on the full catalog (tests/soak/soak_serve.py; about 8 minutes on
+# 2 cores, most of it fixed-length phases): builds data/bench as `make bench` does when it is missing,
+# then writes bench-results/soak.json. Not part of `make test` (tests/test_resilience.py is).
+.PHONY: soak
+soak: install
+	test -f $(BENCH_DIR)/ingest.json || $(BIN)/shopguide ingest --catalog $(CATALOG) --data-dir $(BENCH_DIR)
+	test -f $(BENCH_DIR)/events/simulated.jsonl || $(BIN)/shopguide simulate sessions --catalog $(CATALOG) \
+	  --out $(BENCH_DIR)/events/simulated.jsonl
+	test -f $(BENCH_DIR)/models/sequence/sequence_model.pt || $(BIN)/shopguide train sequences \
+	  --dataset $(BENCH_DIR)/events/simulated.jsonl --out $(BENCH_DIR)/models/sequence --no-progress
+	$(BIN)/python tests/soak/soak_serve.py --data-dir $(BENCH_DIR)
 
 lint: install
 	$(BIN)/ruff check .

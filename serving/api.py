@@ -35,14 +35,14 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.routing import Match
 
 from index import KEYWORD_FIELDS, Filters, UnknownProductError
 from serving.query import QueryParser
-from serving.recommend import BadRequestError, NotFoundError
+from serving.recommend import BadRequestError, NotFoundError, UnavailableError
 from serving.uploads import MAX_UPLOAD_BYTES, UploadError, decode_upload
 from training.events import EventError
 
@@ -50,6 +50,7 @@ log = logging.getLogger("shopguide.api")
 
 MAX_EVENTS_PER_REQUEST = 1000
 MAX_EVENTS_BODY_BYTES = 2 * 1024 * 1024
+MAX_PRODUCT_UPDATE_BYTES = 16 * 1024  # {"price", "in_stock"} is a few bytes; nothing bigger is an update
 MAX_QUERY_CHARS = 1000  # longer queries are refused with 422, not truncated silently
 VOCABULARY_TTL_S = 300.0  # the query parser re-reads catalog values this often (catalog updates)
 MULTIPART_OVERHEAD = 64 * 1024  # headers and boundaries around the photo in a multipart body
@@ -112,6 +113,9 @@ class ItemOut(BaseModel):
     price: float | None = None
     in_stock: bool | None = None
     reasons: list[str]
+    # Feeds only: the probability that the feed's policy put this product in this slot, given the
+    # slot's candidates (1.0 without exploration); logged with the request for off-policy evaluation.
+    propensity: float | None = None
 
 
 class Understood(BaseModel):
@@ -128,7 +132,23 @@ class RecommendationOut(BaseModel):
     user_id: str | None = None
     personalized: bool | None = None
     understood: Understood | None = None
+    # Feeds only: the exploration policy that chose the slots, "greedy", "epsilon:E" or "thompson".
+    policy: str | None = None
+    # Feeds only, while an A/B test runs (RecommenderConfig.ab_versions): the shopper's arm, "A" or "B".
+    arm: str | None = None
     items: list[ItemOut]
+
+
+def check_user_id(user_id: str) -> str:
+    """Refuse a shopper id that /users/{id} cannot address, so everything stored under it can be read
+    and deleted there (DELETE forgets a shopper): a "/" (even sent as %2F) splits the path, and "." and
+    ".." are dot segments that clients remove. Raises ValueError naming the id."""
+    if "/" in user_id or user_id.strip() in (".", ".."):
+        raise ValueError(
+            f"user_id {user_id!r} cannot be used in /users/{{id}} URLs (no '/', not '.' or '..'); "
+            "choose another id"
+        )
+    return user_id
 
 
 class EventIn(BaseModel):
@@ -143,6 +163,13 @@ class EventIn(BaseModel):
     query: str | None = None
     request_id: str | None = None
     ts: float | None = None
+
+    @field_validator("user_id")
+    @classmethod
+    def _addressable(cls, user_id: str | int) -> str | int:
+        if isinstance(user_id, str):
+            check_user_id(user_id)
+        return user_id
 
 
 class EventsIn(BaseModel):
@@ -189,8 +216,22 @@ class PageOut(BaseModel):
     modules: list[PageModuleOut]
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorOut} for code in (400, 401, 403, 404, 413, 415, 422, 503)
+def error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """`responses=` for the error statuses a route really answers, each with the {"error", "detail"}
+    body, so the OpenAPI schema (and clients generated from it) list exactly those. Every route that
+    asks the recommender answers 503 while it starts; 422 is declared wherever FastAPI would otherwise
+    document its own validation body, which this app never sends."""
+    return {code: {"model": ErrorOut} for code in codes}
+
+
+ERROR_RESPONSES = error_responses(400, 401, 403, 404, 413, 415, 422, 503)  # every status; prefer the above
+# /metrics answers text/plain, and FastAPI documents a route's `model=` errors in the route's media type;
+# its 503 is JSON like every error, so that one is spelled out.
+METRICS_ERRORS: dict[int | str, dict[str, Any]] = {
+    503: {
+        "description": "the recommender is starting",
+        "content": {"application/json": {"schema": ErrorOut.model_json_schema()}},
+    }
 }
 
 
@@ -339,6 +380,20 @@ def _route_label(scope: dict, root_path: str = "") -> str:
     return getattr(route, "path", "unmatched")
 
 
+def body_limit(method: str, path: str, settings: ApiSettings) -> int | None:
+    """The most bytes a request body may have on this route; None where no route reads the body.
+
+    Checked twice: from Content-Length before the app runs (ObserveMiddleware), and while the body
+    streams in (each route's `max_body_size`), so a chunked body cannot get around it."""
+    if path == "/events":
+        return MAX_EVENTS_BODY_BYTES
+    if path == "/search/image":
+        return settings.max_upload_bytes + MULTIPART_OVERHEAD
+    if method == "PATCH" and path.startswith("/products/"):
+        return MAX_PRODUCT_UPDATE_BYTES
+    return None
+
+
 class ObserveMiddleware:
     """Refuses oversized bodies from their declared length, turns crashes into a JSON 500 with an id
     to find in the log, and counts every request (route, method, status) with its latency."""
@@ -347,13 +402,6 @@ class ObserveMiddleware:
         self.app = app
         self.metrics = metrics
         self.settings = settings
-
-    def _body_limit(self, path: str) -> int | None:
-        if path == "/events":
-            return MAX_EVENTS_BODY_BYTES
-        if path == "/search/image":
-            return self.settings.max_upload_bytes + MULTIPART_OVERHEAD
-        return None
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http":
@@ -370,7 +418,7 @@ class ObserveMiddleware:
             await send(message)
 
         root_path = scope.get("root_path", "")
-        limit = self._body_limit(scope["path"])
+        limit = body_limit(scope.get("method", ""), scope["path"], self.settings)
         length = dict(scope["headers"]).get(b"content-length", b"")
         try:
             if limit is not None and length.isdigit() and int(length) > limit:
@@ -382,7 +430,10 @@ class ObserveMiddleware:
                 await self.app(scope, receive, send_observed)
         except Exception:
             error_id = uuid.uuid4().hex[:12]
-            log.exception("unhandled error %s on %s %s", error_id, scope.get("method"), scope["path"])
+            # The route template, not the path: a path holds shopper ids, which a log must not keep
+            # after the shopper is forgotten (DELETE /users/{id}).
+            where = _route_label(scope, root_path)
+            log.exception("unhandled error %s on %s %s", error_id, scope.get("method"), where)
             if response_started:
                 raise
             crash = _error(500, "internal error", f"error id {error_id}; the server log has the details")
@@ -481,20 +532,45 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     @app.exception_handler(RequestValidationError)
     async def on_validation(request: Request, exc: RequestValidationError):
         problems = []
-        malformed = False
+        malformed = in_body = False
         for err in exc.errors():
             malformed |= err.get("type") == "json_invalid"
+            in_body |= tuple(err.get("loc", ()))[:1] == ("body",)
             where = ".".join(str(part) for part in err.get("loc", ()))
             problems.append(f"{where}: {err.get('msg')}")
         if malformed:
             return _error(400, "malformed JSON", problems)
+        content_type = request.headers.get("content-type", "")
+        if in_body and "json" not in content_type:
+            # FastAPI reads a body without a JSON content type as bytes: say what it needs.
+            problems.append(
+                f"the body was sent as {content_type or 'no content type'!r}; send JSON with "
+                "`Content-Type: application/json`"
+            )
         return _error(422, "invalid request", problems)
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException):
-        names = {401: "unauthorized", 403: "forbidden", 404: "not found", 405: "method not allowed"}
+        names = {
+            400: "malformed JSON",
+            401: "unauthorized",
+            403: "forbidden",
+            404: "not found",
+            405: "method not allowed",
+            413: "request too large",
+            503: "unavailable",
+        }
+        detail = exc.detail
+        if exc.status_code == 413:  # a route's max_body_size, counted while the body streamed in
+            limit = body_limit(request.method, request.scope["path"], app.state.settings)
+            detail = f"the body is over the limit of {limit or 0:,} bytes; send less (or split it)"
+        elif exc.status_code == 400 and detail == "There was an error parsing the body":
+            # FastAPI's words for a JSON body that does not decode (bad UTF-8, or nested too deeply).
+            detail = (
+                "the body could not be read as JSON (invalid UTF-8, or nested too deeply); send UTF-8 JSON"
+            )
         return _error(
-            exc.status_code, names.get(exc.status_code, "error"), exc.detail, getattr(exc, "headers", None)
+            exc.status_code, names.get(exc.status_code, "error"), detail, getattr(exc, "headers", None)
         )
 
     @app.exception_handler(BadRequestError)
@@ -507,6 +583,10 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     async def on_not_found(request: Request, exc: Exception):
         return _error(404, "not found", _message(exc))
 
+    @app.exception_handler(UnavailableError)
+    async def on_unavailable(request: Request, exc: Exception):
+        return _error(503, "unavailable", _message(exc), {"Retry-After": "1"})
+
     @app.exception_handler(VisitorForbiddenError)
     async def on_visitor_forbidden(request: Request, exc: VisitorForbiddenError):
         return _error(403, "forbidden", str(exc))
@@ -517,12 +597,12 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         return _error(exc.status, names.get(exc.status, "bad upload"), _message(exc))
 
     # ---- routes ------------------------------------------------------------------------------------
-    @app.get("/healthz", tags=["ops"])
+    @app.get("/healthz", tags=["ops"], responses=error_responses(503))
     async def healthz(backend: Backend = Depends(get_backend)) -> dict:
         """Liveness of the whole path: the recommender answers with its index size and model versions."""
         return {"status": "ok", **(await backend.call("health"))}
 
-    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse)
+    @app.get("/metrics", tags=["ops"], response_class=PlainTextResponse, responses=METRICS_ERRORS)
     async def prometheus(backend: Backend = Depends(get_backend)) -> Response:
         """Prometheus text: requests and latency per route, 5xx errors, index size, model versions."""
         stats = await backend.call("stats")
@@ -533,7 +613,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
             metrics.models.labels(component, version).set(1)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.get("/products/{product_id}", tags=["catalog"], responses=ERROR_RESPONSES)
+    @app.get("/products/{product_id}", tags=["catalog"], responses=error_responses(404, 422, 503))
     async def product(product_id: str, backend: Backend = Depends(get_backend)) -> dict:
         """The product's attributes (title, price, stock, category, colour, ...)."""
         return await backend.call("product", product_id)
@@ -541,7 +621,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     @app.get(
         "/products/{product_id}/image",
         tags=["catalog"],
-        responses=ERROR_RESPONSES,
+        responses=error_responses(404, 422, 503),
         response_class=FileResponse,
     )
     async def product_image(product_id: str, backend: Backend = Depends(get_backend)) -> FileResponse:
@@ -553,7 +633,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         "/products/{product_id}/similar",
         tags=["recommendations"],
         response_model=RecommendationOut,
-        responses=ERROR_RESPONSES,
+        responses=error_responses(404, 422, 503),
     )
     async def similar(
         product_id: str,
@@ -567,7 +647,9 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         """Products similar to this one (look and description, look, description, or co-engagement)."""
         return await backend.call("similar", product_id, k, mode, diversity, _parse_exclude(exclude), filters)
 
-    @app.get("/search", tags=["search"], response_model=RecommendationOut, responses=ERROR_RESPONSES)
+    @app.get(
+        "/search", tags=["search"], response_model=RecommendationOut, responses=error_responses(404, 422, 503)
+    )
     async def search(
         q: str = Query("", max_length=MAX_QUERY_CHARS, description="a query or a question"),
         k: int = Query(10, ge=1, le=1000),
@@ -618,7 +700,8 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         "/search/image",
         tags=["search"],
         response_model=RecommendationOut,
-        responses=ERROR_RESPONSES,
+        responses=error_responses(413, 415, 422, 503),
+        max_body_size=settings.max_upload_bytes + MULTIPART_OVERHEAD,
         openapi_extra={
             "requestBody": {
                 "required": True,
@@ -660,7 +743,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         "/users/{user_id}/feed",
         tags=["recommendations"],
         response_model=RecommendationOut,
-        responses=ERROR_RESPONSES,
+        responses=error_responses(422, 503),
     )
     async def feed(
         user_id: str,
@@ -669,10 +752,19 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         filters: Filters = Depends(filters_from),
         backend: Backend = Depends(get_backend),
     ) -> dict:
-        """The shopper's personalized feed (cold start for a shopper with no events); purchases excluded."""
+        """The shopper's personalized feed (cold start for a shopper with no events); purchases excluded.
+
+        Each item's `propensity` and the response's `policy` say how exploration chose the slots (the
+        recommender's `explore_policy`); every slot is logged with them under the response's request_id."""
         return await backend.call("feed", user_id, k, diversity, filters)
 
-    @app.post("/events", tags=["events"], response_model=EventsAccepted, responses=ERROR_RESPONSES)
+    @app.post(
+        "/events",
+        tags=["events"],
+        response_model=EventsAccepted,
+        responses=error_responses(400, 401, 403, 413, 422, 503),
+        max_body_size=MAX_EVENTS_BODY_BYTES,
+    )
     async def post_events(
         request: Request,
         body: EventsIn,
@@ -695,14 +787,17 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         visitor_id = f"v-{secrets.token_hex(8)}"
         return {"visitor_id": visitor_id, "token": visitor_token(signing_secret(), visitor_id)}
 
-    @app.get("/catalog/facets", tags=["catalog"])
+    @app.get("/catalog/facets", tags=["catalog"], responses=error_responses(503))
     async def facets(backend: Backend = Depends(get_backend)) -> dict[str, list[str]]:
         """The values of each filter field in the catalog (gender, masterCategory, subCategory,
         articleType, baseColour), for filter menus."""
         return await backend.call("vocabulary")
 
     @app.get(
-        "/catalog/popular", tags=["catalog"], response_model=RecommendationOut, responses=ERROR_RESPONSES
+        "/catalog/popular",
+        tags=["catalog"],
+        response_model=RecommendationOut,
+        responses=error_responses(422, 503),
     )
     async def popular(
         k: int = Query(24, ge=1, le=1000),
@@ -716,7 +811,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         "/products/{product_id}/page",
         tags=["recommendations"],
         response_model=PageOut,
-        responses=ERROR_RESPONSES,
+        responses=error_responses(404, 422, 503),
     )
     async def product_page(
         product_id: str,
@@ -727,6 +822,11 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         """The product page's modules (similar items, frequently bought together, for you), each with
         its items, reasons and request_id, ordered by this shopper's predicted interest in each: engagement
         per impression on past pages, shrunk towards the module's rate over all shoppers (README)."""
+        if user_id is not None:  # impressions are stored under it: it must be deletable
+            try:
+                check_user_id(user_id)
+            except ValueError as exc:
+                raise BadRequestError(str(exc)) from None
         return await backend.call("page", product_id, user_id, k)
 
     # ---- the storefront ----------------------------------------------------------------------------
@@ -740,7 +840,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
 
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
 
-    @app.get("/users/{user_id}/events", tags=["events"], responses=ERROR_RESPONSES)
+    @app.get("/users/{user_id}/events", tags=["events"], responses=error_responses(422, 503))
     async def user_events(
         user_id: str, limit: int = Query(50, ge=1, le=10_000), backend: Backend = Depends(get_backend)
     ) -> dict:
@@ -750,8 +850,9 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
     @app.patch(
         "/products/{product_id}",
         tags=["catalog"],
-        responses=ERROR_RESPONSES,
+        responses=error_responses(400, 401, 403, 404, 413, 422, 503),
         dependencies=[Depends(require_key)],
+        max_body_size=MAX_PRODUCT_UPDATE_BYTES,
     )
     async def update_product(
         product_id: str, body: ProductUpdate, backend: Backend = Depends(get_backend)
@@ -760,7 +861,10 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         return await backend.call("update_product", product_id, body.model_dump(exclude_unset=True))
 
     @app.delete(
-        "/users/{user_id}", tags=["events"], responses=ERROR_RESPONSES, dependencies=[Depends(require_key)]
+        "/users/{user_id}",
+        tags=["events"],
+        responses=error_responses(401, 403, 422, 503),
+        dependencies=[Depends(require_key)],
     )
     async def delete_user(user_id: str, backend: Backend = Depends(get_backend)) -> dict:
         """Forget a shopper: their events, history and cached vectors."""

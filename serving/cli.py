@@ -1,4 +1,4 @@
-"""The `shopguide` command line: ingest, similar, search, train, eval, bench, report, encoders."""
+"""The `shopguide` command line: ingest, reembed, similar, search, train, eval, bench, report, encoders."""
 
 from __future__ import annotations
 
@@ -154,6 +154,67 @@ def cmd_ingest(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reembed(args: argparse.Namespace) -> int:
+    from training.reembed import RayConfig, reembed_encoder_config, run_reembed, swap_back
+
+    store = _store(args)
+    try:
+        if args.swap_back:
+            old, new = swap_back(store, args.data_dir)
+            print(f"alias products: {old} -> {new} (swapped back; {old} is kept)")
+            return 0
+        ray = None
+        if args.ray_address:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline machines; nothing to report to
+            ray = RayConfig(
+                address=args.ray_address,
+                actors=args.actors,
+                cpus_per_actor=args.cpus_per_actor,
+                batch_size=args.batch_size,
+            )
+        yaml_config = _encoder_config(args.config) if args.config else None
+        summary = run_reembed(
+            args.catalog,
+            store,
+            args.data_dir,
+            reembed_encoder_config(args.data_dir, store, args.encoder, yaml_config),
+            limit=args.limit,
+            seed=args.seed,
+            ray=ray,
+            swap=not args.no_swap,
+            rebuild=args.rebuild,
+        )
+    finally:
+        store.close()
+    for item in summary.skipped:
+        print(f"skipped {item.product_id}: {item.reason}", file=sys.stderr)
+    embed = summary.embed
+    where = f"{embed.actors} Ray actors, {len(embed.nodes)} nodes" if summary.distributed else "one process"
+    print(
+        f"built {summary.collection}: {summary.products_total} products ({summary.products_indexed} written "
+        f"now); embedded {embed.images} images and {embed.texts} texts in {embed.seconds:.1f} s "
+        f"({embed.images_per_second:.1f} images/s, {where}); {summary.seconds:.1f} s total"
+    )
+    for check in summary.validation.checks:
+        print(f"  {'ok  ' if check.ok else 'FAIL'} {check.name}: {check.detail}")
+    if args.json:
+        _write_json(args.json, summary.to_dict())
+    if not summary.validation.ok:
+        print(
+            f"validation failed ({', '.join(c.name for c in summary.validation.failures())}): alias products "
+            f"still points at {summary.previous}; {summary.collection} is kept for inspection (a re-run "
+            "resumes it; --rebuild writes it anew from the embedding cache)",
+            file=sys.stderr,
+        )
+        return 3
+    if summary.swapped:
+        note = "new" if summary.previous is None else f"{summary.previous} is kept; --swap-back returns to it"
+        print(f"alias products: {summary.previous} -> {summary.collection} ({note})")
+    else:
+        print(f"validated; alias products still points at {summary.previous} (--no-swap)")
+    return 0
+
+
 def _search(args: argparse.Namespace):
     from serving.search import ProductSearch
 
@@ -277,6 +338,55 @@ def cmd_simulate_sessions(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_simulate_loop(args: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    import httpx
+
+    from training.loop import (
+        STRATEGIES,
+        LoopConfig,
+        LoopError,
+        ReactionConfig,
+        format_table,
+        run_loop,
+        write_outputs,
+    )
+    from training.sequences import load_config_file
+
+    model_config, train_config = load_config_file(args.config)
+    chosen = args.strategy or ["all"]
+    strategies = tuple(s for s in STRATEGIES if s in chosen or "all" in chosen)  # always in report order
+    config = LoopConfig(
+        days=args.days,
+        shoppers=args.shoppers,
+        warmup_days=args.warmup_days,
+        seed=args.seed,
+        strategies=strategies,
+        reaction=ReactionConfig(k=args.k),
+        swap_timeout_s=args.swap_timeout,
+        model=model_config,
+        train=replace(train_config, seed=args.seed),
+    )
+    try:
+        result = run_loop(
+            config,
+            args.data_dir,
+            work_dir=args.work_dir,
+            url=args.url,
+            api_key=args.api_key or os.environ.get("SHOPGUIDE_API_KEY"),
+            catalog=args.catalog,
+            limit=args.limit,
+        )
+    except (LoopError, httpx.HTTPError) as exc:  # a server that failed to start, swap or answer
+        print(f"shopguide: error: {exc}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    json_path, plot_path = write_outputs(result, args.out)
+    print(f"wrote {json_path} and {plot_path} ({result['seconds']:.0f} s in all)")
+    return 0
+
+
 def cmd_index_behavior(args: argparse.Namespace) -> int:
     from encoders.sequence import SequenceEncoder
     from training.behavior import upsert_behavior_vectors
@@ -303,19 +413,10 @@ def _registry(args: argparse.Namespace):
     return ModelRegistry(args.data_dir / "models" / "registry")
 
 
-def _holdout(events: list, days: float) -> dict:
-    """Held-out shoppers for the promotion gate: those active in the last `days` of the events."""
-    from training.session_data import histories_from_events
-
-    latest = max((e.ts for e in events if e.ts is not None), default=0.0)
-    recent = {e.user_id for e in events if e.ts is not None and e.ts >= latest - days * 86400}
-    return {u: h for u, h in histories_from_events(events).items() if u in recent}
-
-
 def _promote(args: argparse.Namespace, registry, version: str, events: list) -> int:
-    from training.update import holdout_metrics
+    from training.update import holdout_histories, holdout_metrics
 
-    holdout = _holdout(events, args.holdout_days)
+    holdout = holdout_histories(events, args.holdout_days)
     result = registry.promote(
         version, lambda folder: holdout_metrics(folder, holdout), tolerance=args.tolerance, force=args.force
     )
@@ -435,6 +536,90 @@ def cmd_events_import(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- the feed log (serving/explore.py logs every served slot): off-policy evaluation, A/B report -----
+def _open_feed_log(data_dir: Path):
+    from serving.event_store import SQLiteEventStore
+
+    db = data_dir / "events.db"
+    if not db.is_file():
+        raise FileNotFoundError(
+            f"no event store at {db}: serve feeds first (`shopguide serve --data-dir {data_dir}`)"
+        )
+    return SQLiteEventStore(db)  # WAL: safe beside a running server
+
+
+def cmd_eval_offpolicy(args: argparse.Namespace) -> int:
+    from training.offpolicy import TARGET_POLICIES, format_estimates, offpolicy_estimate, parse_policy
+
+    policies = [parse_policy(spec, TARGET_POLICIES) for spec in args.policy]  # bad specs fail before reading
+    with _open_feed_log(args.data_dir) as store:
+        rows = [r for r in store.feed_items() if args.arm is None or r.arm == args.arm]
+    estimates = [offpolicy_estimate(rows, policy, cluster=args.cluster) for policy in policies]
+    print(format_estimates(estimates))
+    if args.json:
+        _write_json(args.json, {"arm": args.arm, "cluster": args.cluster, "estimates": estimates})
+    return 0
+
+
+def cmd_ab_report(args: argparse.Namespace) -> int:
+    from training.ab import ab_report, catalog_categories, format_ab_report, popular_count
+
+    store = None if args.catalog else _store(args)
+    try:
+        categories, source = catalog_categories(args.data_dir, args.catalog, store)
+    finally:
+        if store is not None:
+            store.close()
+    with _open_feed_log(args.data_dir) as events:
+        popular = [pid for pid, _ in events.popular(limit=popular_count(len(categories)))]
+        report = ab_report(events.feed_items(), categories, popular, control=args.control)
+    print(format_ab_report(report))
+    print(f"catalog: {source}")
+    if args.json:
+        _write_json(args.json, {**report, "catalog_source": source})
+    return 0
+
+
+def _add_feed_log_commands(sub, eval_sub) -> None:
+    """`eval offpolicy` and `ab report`: both read the feed log in DATA_DIR/events.db."""
+    e = eval_sub.add_parser("offpolicy", help="IPS / SNIPS CTR of a feed policy from the logged feed slots")
+    e.add_argument(
+        "--policy",
+        action="append",
+        required=True,
+        help="greedy, epsilon:E (0 <= E <= 1) or logging; repeat to evaluate several",
+    )
+    e.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="its events.db holds the log")
+    e.add_argument("--arm", help="only slots served to this A/B arm")
+    e.add_argument(
+        "--cluster",
+        choices=("user", "request", "slot"),
+        default="user",
+        help="rows that share noise in the interval (default: %(default)s)",
+    )
+    e.add_argument("--json", type=Path, help="write the estimates here")
+    e.set_defaults(func=cmd_eval_offpolicy)
+
+    p = sub.add_parser("ab", help="A/B tests between model versions")
+    ab_sub = p.add_subparsers(dest="what", required=True)
+    a = ab_sub.add_parser("report", help="per-arm CTR / CVR with 95%% intervals and bias guardrails")
+    _add_store(a)
+    a.add_argument("--catalog", type=Path, help="catalog folder for the guardrails (default: the index)")
+    a.add_argument("--control", help="the arm the others are compared with (default: first by name)")
+    a.add_argument("--json", type=Path, help="write the report here")
+    a.set_defaults(func=cmd_ab_report)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     from serving.server import run_server
 
@@ -448,7 +633,37 @@ def cmd_serve(args: argparse.Namespace) -> int:
         qdrant_url=args.qdrant_url,
         sequence_model=args.sequence_model,
         use_ray=not args.no_ray,
+        qdrant_api_key_env=args.qdrant_api_key_env,
+        recommender_replicas=args.recommender_replicas,
     )
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    import signal
+    import threading
+
+    from training.sequences import load_config_file
+    from training.worker import WorkerConfig, run_worker
+
+    model_config, train_config = load_config_file(args.config)
+    config = WorkerConfig(
+        update_every_s=args.update_every,
+        strategy=args.strategy,
+        tolerance=args.tolerance,
+        holdout_days=args.holdout_days,
+        model_config=model_config,
+        train_config=train_config,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())  # finish the job in progress, then exit
+    print(
+        f"worker on {args.data_dir}: {config.strategy} update every {config.update_every_s:g} s", flush=True
+    )
+    try:
+        done = run_worker(args.data_dir, config, once=args.once, stop=stop)
+    except KeyboardInterrupt:
+        return 0
+    return 0 if all(entry["ok"] for entry in done) else 1
 
 
 def cmd_report(args: argparse.Namespace) -> int:
@@ -489,6 +704,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
     _add_store(p)
     p.set_defaults(func=cmd_ingest)
+
+    p = sub.add_parser(
+        "reembed", help="re-embed the catalog with new encoders into a new collection, validate, swap"
+    )
+    p.add_argument(
+        "--catalog", type=Path, default=DEFAULT_CATALOG, help="catalog folder (default: %(default)s)"
+    )
+    p.add_argument("--encoder", help="the new image encoder (registry name, see `shopguide encoders`)")
+    p.add_argument("--config", type=Path, help="YAML encoder config (default: the live collection's)")
+    p.add_argument("--limit", type=int, help="only the first N usable products")
+    p.add_argument("--seed", type=int, default=0, help="seed for derived prices and stock (default: 0)")
+    p.add_argument("--ray-address", help="embed on this Ray cluster (e.g. 127.0.0.1:6379, auto, local)")
+    p.add_argument("--actors", type=int, default=2, help="encoder actors with --ray-address (default: 2)")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per encoder actor (default: 1)")
+    p.add_argument("--batch-size", type=int, default=32, help="rows per actor call (default: 32)")
+    p.add_argument("--no-swap", action="store_true", help="build and validate, leave the alias alone")
+    p.add_argument(
+        "--rebuild", action="store_true", help="first drop a new collection that failed validation"
+    )
+    p.add_argument(
+        "--swap-back", action="store_true", help="point the alias at the previously live collection"
+    )
+    p.add_argument("--json", type=Path, help="also write the summary as JSON here")
+    _add_store(p)
+    p.set_defaults(func=cmd_reembed)
 
     p = sub.add_parser("similar", help="products similar to one product")
     p.add_argument("product_id")
@@ -585,6 +825,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--topk-out", type=Path, help="TSV: user_id then the 20 top-ranked item ids per test user")
     e.add_argument("--no-baselines", action="store_true", help="skip popularity, item-CF and user-CF")
     e.set_defaults(func=cmd_eval_sequences)
+    _add_feed_log_commands(sub, eval_sub)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench_sub = p.add_subparsers(dest="what", required=True)
@@ -608,6 +849,40 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--out", type=Path, required=True, help="events file (JSON lines)")
     m.set_defaults(func=cmd_simulate_sessions)
+    m = sim_sub.add_parser(
+        "loop",
+        help="closed loop: simulated shoppers use the HTTP API while the server learns; CTR, CVR, "
+        "coverage and Gini per day and strategy",
+    )
+    m.add_argument("--days", type=int, default=7, help="simulated days (default: %(default)s)")
+    m.add_argument("--shoppers", type=int, default=300, help="simulated shoppers (default: %(default)s)")
+    m.add_argument(
+        "--warmup-days", type=int, default=7, help="simulated days before day 0: the day-0 model's data"
+    )
+    m.add_argument(
+        "--strategy",
+        action="append",
+        choices=("popularity", "none", "incremental", "full", "hybrid", "all"),
+        help="repeat for several (default: all, one after another on copies of the same start)",
+    )
+    m.add_argument("--seed", type=int, default=0, help="shoppers, reactions and training (default: 0)")
+    m.add_argument("--k", type=int, default=10, help="items per slate (default: %(default)s)")
+    m.add_argument(
+        "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="an ingested index (ingested here if missing)"
+    )
+    m.add_argument("--work-dir", type=Path, help="copies per strategy (default: DATA_DIR/loop)")
+    m.add_argument("--catalog", type=Path, help="catalog to ingest when DATA_DIR has no index (or --url's)")
+    m.add_argument("--limit", type=int, default=2000, help="products to ingest when DATA_DIR has no index")
+    m.add_argument(
+        "--url", help="drive this running server (one --strategy; its --data-dir's registry gets the models)"
+    )
+    m.add_argument("--api-key", help="for --url: the server's key (default: $SHOPGUIDE_API_KEY)")
+    m.add_argument("--config", type=Path, help="YAML with `model:` and `train:` sections for the GRU")
+    m.add_argument(
+        "--swap-timeout", type=float, default=120.0, help="seconds for the server to serve a promoted model"
+    )
+    m.add_argument("--out", type=Path, default=Path("results/simulate_loop.json"), help="JSON; PNG beside it")
+    m.set_defaults(func=cmd_simulate_loop)
 
     p = sub.add_parser("index", help="index maintenance")
     index_sub = p.add_subparsers(dest="what", required=True)
@@ -637,6 +912,19 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--events-db", type=Path, help="default: DATA_DIR/events.db (what `serve` reads)")
     m.set_defaults(func=cmd_events_import)
 
+    p = sub.add_parser(
+        "worker",
+        help="periodic user-encoder updates beside a running server (it picks up promoted models)",
+    )
+    p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="the served data dir")
+    p.add_argument("--update-every", type=float, default=3600.0, help="seconds between updates (%(default)s)")
+    p.add_argument("--strategy", choices=("incremental", "full", "hybrid"), default="hybrid")
+    p.add_argument("--tolerance", type=float, help="promotion gate: allowed relative NDCG@10 drop (0.02)")
+    p.add_argument("--holdout-days", type=float, default=1.0, help="gate on shoppers active this recently")
+    p.add_argument("--once", action="store_true", help="run each job once and exit (e.g. from cron)")
+    p.add_argument("--config", type=Path, help="YAML model/train config, as for `train sequences`")
+    p.set_defaults(func=cmd_worker)
+
     p = sub.add_parser("serve", help="the HTTP API on Ray Serve (similar, feed, search, events)")
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="what `shopguide ingest` wrote")
     p.add_argument(
@@ -654,7 +942,21 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_SERVE_CONFIG,
         help="Ray Serve config; its `deployments:` set replicas and batching",
     )
-    p.add_argument("--qdrant-url", help="a Qdrant server instead of the embedded index")
+    p.add_argument(
+        "--qdrant-url", help="a Qdrant server instead of the embedded index (`ingest --qdrant-url` fills it)"
+    )
+    p.add_argument(
+        "--qdrant-api-key-env",
+        default="QDRANT_API_KEY",
+        help="environment variable holding the Qdrant API key, read by every process that connects "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--recommender-replicas",
+        type=_positive_int,
+        metavar="N",
+        help="Recommender replicas (default: --config's num_replicas); more than 1 needs --qdrant-url",
+    )
     p.add_argument(
         "--sequence-model",
         type=Path,

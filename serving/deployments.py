@@ -7,18 +7,23 @@ number against a Qdrant server) and two batched encoders, `TextEncoder` and `Ima
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict
 from ray import serve
+from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
 from ray.serve.handle import DeploymentHandle
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from index import IndexStore
 from serving.api import ApiSettings, create_app
 from training.ingest import MANIFEST
 
@@ -53,7 +58,8 @@ class AppArgs(BaseModel):
     model_config = ConfigDict(extra="forbid")
     data_dir: str = "data/demo"  # what `shopguide ingest` wrote; relative to the working directory
     qdrant_url: str | None = None  # a Qdrant server instead of the embedded index
-    qdrant_api_key_env: str | None = None  # environment variable holding the Qdrant API key
+    # Environment variable holding the Qdrant API key, read by each replica (the key is never an arg).
+    qdrant_api_key_env: str | None = "QDRANT_API_KEY"
     sequence_model: str | None = None  # default: DATA_DIR/models/sequence when it exists
     events_db: str | None = None  # default: DATA_DIR/events.db
     api_key_env: str = API_KEY_ENV  # writes need this key when the variable is set
@@ -61,35 +67,71 @@ class AppArgs(BaseModel):
 
 
 def resolve_paths(args: AppArgs) -> dict:
-    """Absolute paths for the replicas (their working directory is not the caller's)."""
+    """Absolute paths for the replicas (their working directory is not the caller's).
+
+    The Qdrant API key is not among them: these travel to the replicas through Ray, so they carry the
+    name of the variable and each replica reads the key from its own environment (build_recommender)."""
     data_dir = Path(args.data_dir).expanduser().resolve()
     if not (data_dir / MANIFEST).is_file():
-        raise FileNotFoundError(f"no index in {data_dir}: run `shopguide ingest --data-dir {data_dir}` first")
+        url = f" --qdrant-url {args.qdrant_url}" if args.qdrant_url else ""
+        raise FileNotFoundError(
+            f"no index in {data_dir}: run `shopguide ingest{url} --data-dir {data_dir}` first"
+        )
     sequence = Path(args.sequence_model).expanduser().resolve() if args.sequence_model else None
     if sequence is None and (data_dir / "models" / "sequence" / "sequence_model.pt").is_file():
         sequence = data_dir / "models" / "sequence"
     events_db = Path(args.events_db).expanduser().resolve() if args.events_db else data_dir / "events.db"
-    qdrant_key = os.environ.get(args.qdrant_api_key_env) if args.qdrant_api_key_env else None
+    key_env = args.qdrant_api_key_env if args.qdrant_url else None
     return {
         "data_dir": str(data_dir),
         "qdrant_url": args.qdrant_url,
-        "qdrant_api_key": qdrant_key,
+        "qdrant_api_key_env": key_env,
+        # Whether the resolving process had the key: a replica that lacks it then refuses to start
+        # with a message naming the variable, instead of being answered 401 by the server.
+        "qdrant_api_key_set": bool(key_env and os.environ.get(key_env)),
         "sequence_model": str(sequence) if sequence else None,
         "events_db": str(events_db),
     }
 
 
-def build_recommender(paths: dict) -> Any:
-    """The plain Recommender for these paths (also used by tests and `shopguide serve --no-ray`)."""
+def qdrant_api_key(paths: dict) -> str | None:
+    """The Qdrant API key from this process's environment, by the variable named in `paths`."""
+    key_env = paths.get("qdrant_api_key_env")
+    key = (os.environ.get(key_env) or None) if key_env else None  # an empty variable is no key
+    if key is None and paths.get("qdrant_api_key_set"):
+        raise ValueError(
+            f"${key_env} (the Qdrant API key) is set where `shopguide serve` started but not in this "
+            "process: set it on every node that runs a Recommender replica (or in its runtime_env)"
+        )
+    return key
+
+
+def build_recommender(paths: dict, store: IndexStore | None = None) -> Any:
+    """The plain Recommender for these paths (also used by tests and `shopguide serve --no-ray`).
+
+    `store`: an index store opened by the caller instead of the one `paths` names (a qdrant-client
+    ":memory:" store is private to the object that made it, so tests hand in the one they filled);
+    the caller closes it."""
     from index import open_store
     from serving.event_store import SQLiteEventStore
     from serving.recommend import Recommender
 
     data_dir = Path(paths["data_dir"])
-    store = open_store(data_dir / "index", paths.get("qdrant_url"), paths.get("qdrant_api_key"))
-    events = SQLiteEventStore(paths["events_db"])
-    sequence = Path(paths["sequence_model"]) if paths.get("sequence_model") else None
-    return Recommender(data_dir, store, events, sequence)
+    own_store = store is None
+    if store is None:
+        store = open_store(data_dir / "index", paths.get("qdrant_url"), qdrant_api_key(paths))
+    events = None
+    try:
+        events = SQLiteEventStore(paths["events_db"])
+        sequence = Path(paths["sequence_model"]) if paths.get("sequence_model") else None
+        return Recommender(data_dir, store, events, sequence, registry=data_dir / "models" / "registry")
+    except BaseException:
+        # The embedded index is locked by whoever holds it open: don't keep it after a failed start.
+        if events is not None:
+            events.close()
+        if own_store:
+            store.close()
+        raise
 
 
 @serve.deployment(name="Recommender")
@@ -100,7 +142,10 @@ class RecommenderDeployment:
         self.recommender = build_recommender(paths)
 
     def reconfigure(self, config: dict) -> None:
+        # Ray calls this right after __init__ with the YAML's user_config, and again on every change;
+        # the watcher starts here so it polls at the configured interval.
         self.recommender.reconfigure(config)
+        self.recommender.watch()
 
     async def call(self, method: str, args: tuple, kwargs: dict) -> Any:
         # Runs on the replica's event loop, not in Ray's thread pool: every method is ~1 ms of index
@@ -113,6 +158,7 @@ class RecommenderDeployment:
         recommender = getattr(self, "recommender", None)
         if recommender is not None:
             recommender.close()
+            recommender.store.close()  # build_recommender opened it for this replica alone
 
 
 def _limit_threads() -> None:
@@ -126,11 +172,11 @@ def _limit_threads() -> None:
 class TextEncoderDeployment:
     """Raw text-encoder features for queries, batched across concurrent requests."""
 
-    def __init__(self, name: str, args: dict) -> None:
-        from encoders import get_text_encoder
+    def __init__(self, name: str, args: dict, data_dir: str | None = None) -> None:
+        from serving.towers import QueryTower
 
         _limit_threads()
-        self.encoder = get_text_encoder(name, **args)
+        self.encoder = QueryTower("text", name, args, Path(data_dir) if data_dir else None)
 
     def reconfigure(self, config: dict) -> None:
         self.encode.set_max_batch_size(int(config.get("max_batch_size", 16)))
@@ -145,11 +191,11 @@ class TextEncoderDeployment:
 class ImageEncoderDeployment:
     """Raw image-encoder features for uploaded photos (already validated and decoded by the ingress)."""
 
-    def __init__(self, name: str, args: dict) -> None:
-        from encoders import get_image_encoder
+    def __init__(self, name: str, args: dict, data_dir: str | None = None) -> None:
+        from serving.towers import QueryTower
 
         _limit_threads()
-        self.encoder = get_image_encoder(name, **args)
+        self.encoder = QueryTower("image", name, args, Path(data_dir) if data_dir else None)
 
     def reconfigure(self, config: dict) -> None:
         self.encode.set_max_batch_size(int(config.get("max_batch_size", 8)))
@@ -161,7 +207,15 @@ class ImageEncoderDeployment:
 
 
 class RayBackend:
-    """The api.Backend over deployment handles."""
+    """The api.Backend over deployment handles; rides out a replica's death while Ray restarts it."""
+
+    # How long one request waits for a dead replica's successor. Ray notices the death within the
+    # deployment's health_check_period_s (default 10 s) and then starts a new process, which opens the
+    # index: 3-20 s on the full catalog on 2 cores (`make soak`). Past this the caller gets a 503
+    # with Retry-After, never a 500.
+    RETRY_DEADLINE_S = 15.0
+    RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5)  # then every 0.5 s: a restart takes seconds, not ms
+    _last_warned = 0.0  # monotonic time of the last "replica gone" warning (one per 5 s, not per request)
 
     def __init__(
         self, recommender: DeploymentHandle, text: DeploymentHandle, image: DeploymentHandle
@@ -171,13 +225,75 @@ class RayBackend:
         self.image = image
 
     async def call(self, method: str, *args: Any, **kwargs: Any) -> Any:
-        return await self.recommender.call.remote(method, args, kwargs)
+        # A retry is safe for every method, because none does anything twice that matters:
+        # - the reads (health, stats, payloads, product, image_path, vocabulary, similar, search,
+        #   user_events) change nothing;
+        # - feed and page also log what they served (slots, module impressions) under a fresh
+        #   request_id; a replica that died after logging but before answering leaves one orphan
+        #   impression that no click can ever cite, a negligible dent in the module's interest rate;
+        # - add_events is idempotent by event_id (a batch the dead replica had stored comes back as
+        #   duplicates, not twice);
+        # - delete_user deletes whatever is left (the answer's counts may then be 0);
+        # - update_product sets absolute values (price, in_stock), so twice is the same as once.
+        return await self._ride_out(lambda: self.recommender.call.remote(method, args, kwargs))
 
     async def text_features(self, text: str) -> np.ndarray:
-        return await self.text.encode.remote(text)
+        return await self._ride_out(lambda: self.text.encode.remote(text))  # pure: safe to repeat
 
     async def image_features(self, image: Any) -> np.ndarray:
-        return await self.image.encode.remote(image)
+        return await self._ride_out(lambda: self.image.encode.remote(image))  # pure: safe to repeat
+
+    @staticmethod
+    def replica_gone(exc: BaseException) -> bool:
+        """True when a handle call failed because the replica died or could not be reached, the
+        only failures worth repeating. Errors the method itself raised (bad input, unknown product)
+        arrive as a RayTaskError around them and go straight back to the caller (a 4xx)."""
+        if isinstance(exc, RayTaskError):  # an upstream actor's death wrapped in a task error
+            exc = getattr(exc, "cause", None)
+        # RayActorError covers ActorDiedError (killed mid-request) and ActorUnavailableError (the
+        # gRPC channel to a dead or unreachable replica, what Serve raises under
+        # RAY_SERVE_THROUGHPUT_OPTIMIZED); DeploymentUnavailableError is left out on purpose: it
+        # means the deployment failed to deploy at all, which waiting does not fix.
+        return isinstance(exc, RayActorError)
+
+    async def _ride_out(self, send: Any) -> Any:
+        started = time.monotonic()
+        attempt = 0
+        while True:
+            try:
+                if attempt == 0:
+                    # The first try is not timed: while no replica exists Serve queues it until one
+                    # does, and a slow answer under load is not a failure.
+                    return await send()
+                remaining = self.RETRY_DEADLINE_S - (time.monotonic() - started)
+                try:
+                    return await asyncio.wait_for(send(), timeout=max(remaining, 0.001))
+                except TimeoutError:
+                    raise self._unavailable(None) from None
+            except Exception as exc:
+                if not self.replica_gone(exc):
+                    raise
+                if time.monotonic() - started >= self.RETRY_DEADLINE_S:
+                    raise self._unavailable(exc) from exc
+                self._warn(exc)
+                backoff = self.RETRY_BACKOFF_S[min(attempt, len(self.RETRY_BACKOFF_S) - 1)]
+                attempt += 1
+                await asyncio.sleep(backoff)
+
+    def _warn(self, exc: BaseException) -> None:
+        now = time.monotonic()
+        if now - RayBackend._last_warned >= 5:
+            RayBackend._last_warned = now
+            log.warning(
+                "a replica is gone (%s); retrying for up to %g s", type(exc).__name__, self.RETRY_DEADLINE_S
+            )
+
+    def _unavailable(self, exc: BaseException | None) -> StarletteHTTPException:
+        cause = type(exc).__name__ if exc is not None else "no replica came back"
+        log.warning("gave up after %g s waiting for a replica (%s)", self.RETRY_DEADLINE_S, cause)
+        return StarletteHTTPException(
+            503, "a backend replica is restarting; retry shortly", headers={"Retry-After": "1"}
+        )
 
 
 @serve.deployment(name="Ingress")
@@ -199,6 +315,32 @@ class Ingress:
         return create_app(self._backend, self._settings)
 
 
+def check_recommender_replicas(
+    qdrant_url: str | None, options: dict, source: str = "the Serve config"
+) -> None:
+    """Refuse more than one Recommender replica on the embedded index (`options`: the deployment's
+    `.options(...)`): the index is one folder that one process owns, and a second replica would fail
+    to open it (or, worse, Ray would keep restarting it)."""
+    replicas = options.get("num_replicas", 1)
+    if replicas is None:
+        replicas = 1
+    if isinstance(replicas, int) and replicas < 1:
+        raise ValueError(f"the Recommender needs at least 1 replica, {source} asks for {replicas}")
+    if qdrant_url:
+        return
+    if replicas != 1 or options.get("autoscaling_config"):
+        asked = (
+            "autoscaling"
+            if options.get("autoscaling_config") or replicas == "auto"
+            else f"{replicas} replicas"
+        )
+        raise ValueError(
+            f"{source} asks for {asked} of the Recommender, but the embedded index (DATA_DIR/index) is one "
+            "folder that one process owns: serve it with 1 replica, or move the index to a Qdrant server "
+            "(`shopguide ingest --qdrant-url URL`, then `shopguide serve --qdrant-url URL`)"
+        )
+
+
 def build_app(args: dict) -> Application:
     """The application builder of `serve run infra/serve/shopguide.yaml` (Ray passes the YAML `args`)."""
     return compose_app(AppArgs(**(args or {})))
@@ -207,21 +349,23 @@ def build_app(args: dict) -> Application:
 def compose_app(args: AppArgs, deployment_options: dict[str, dict] | None = None) -> Application:
     """The shopguide application; deployment_options: deployment name -> `.options(...)` (how
     `shopguide serve` applies the YAML's `deployments:` section, which `serve run` applies itself)."""
+    options = deployment_options or {}
+    check_recommender_replicas(args.qdrant_url, options.get(RecommenderDeployment.name, {}))
     paths = resolve_paths(args)
     encoders = json.loads((Path(paths["data_dir"]) / MANIFEST).read_text())["encoders"]
     api_key = args.api_key or os.environ.get(args.api_key_env) or None
     if api_key is None:
         log.warning("no API key: POST /events and DELETE /users are open to anyone who can reach the port")
-    options = deployment_options or {}
 
     def configured(deployment):
         return deployment.options(**options[deployment.name]) if deployment.name in options else deployment
 
     recommender = configured(RecommenderDeployment).bind(paths)
+    # The towers follow the live manifest (a re-embed may change them); see serving/towers.py.
     text = configured(TextEncoderDeployment).bind(
-        encoders["text_encoder"], encoders.get("text_encoder_args", {})
+        encoders["text_encoder"], encoders.get("text_encoder_args", {}), paths["data_dir"]
     )
     image = configured(ImageEncoderDeployment).bind(
-        encoders["image_encoder"], encoders.get("image_encoder_args", {})
+        encoders["image_encoder"], encoders.get("image_encoder_args", {}), paths["data_dir"]
     )
     return configured(Ingress).bind(recommender, text, image, api_key)

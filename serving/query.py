@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import re
+import unicodedata
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -323,7 +324,9 @@ class QueryParser:
         the text names its own."""
         if not isinstance(text, str):
             text = "" if text is None else str(text)
-        lowered = text[:MAX_CHARS].lower()
+        # NFKC: full-width letters and digits (CJK keyboards), ligatures and the like read as the plain
+        # characters they stand for ("ｒｅｄ" is "red", "１００" is 100).
+        lowered = unicodedata.normalize("NFKC", text[:MAX_CHARS]).lower()
         filters: dict = {}
         matched: dict[str, list[str]] = defaultdict(list)
         price_spans = self._parse_prices(lowered, filters, matched)

@@ -6,7 +6,8 @@ single process) and inside a Ray Serve deployment.
 
 from __future__ import annotations
 
-import json
+import functools
+import logging
 import math
 import threading
 import time
@@ -21,9 +22,15 @@ import numpy as np
 from encoders.alignment import AlignmentHeads
 from index import KEYWORD_FIELDS, Filters, Hit, IndexStore
 from serving.event_store import EventStore, Impression
+from serving.explore import ExploreSettings, explore_and_log
+from serving.live import ModelSlot, SwapGuard, ab_arm, wanted_models
 from serving.search import MODES, check_k, load_heads_for
+from training.behavior import is_behavior_space, upsert_behavior_vectors
 from training.events import Event, EventError
 from training.ingest import ALIAS, MANIFEST
+from training.reembed import collection_manifest
+
+log = logging.getLogger(__name__)
 
 SIMILAR_MODES = (*MODES, "behavior")
 DIVERSITY_SPACE = "fused"  # diversity is judged on look + description, what a shopper perceives as "samey"
@@ -36,6 +43,8 @@ MODE_REASON = {
     "behavior": "shoppers who engaged with it also engaged with",
 }
 FILLED = "filled: not enough matches"
+# A product the user encoder never saw, placed in its behavior space by its content (cold start).
+MAPPED = "new: placed by its photo and description (no shopper data yet)"
 USER_CACHE_SIZE = 100_000
 # Product page modules in their default order, with the engagement per impression assumed before any
 # evidence (a weak prior, worth `page_prior_strength` impressions). The default order is the priors'.
@@ -49,6 +58,10 @@ BOUGHT_TYPES = ("cart", "purchase")  # co-occurrence in these is "bought togethe
 
 class BadRequestError(ValueError):
     """Input a caller can fix (an unknown filter value, a bad mode, an unknown product in an event)."""
+
+
+class UnavailableError(RuntimeError):
+    """A moment the request cannot be served but a retry shortly will be (503 with Retry-After)."""
 
 
 class NotFoundError(KeyError):
@@ -69,6 +82,23 @@ class RecommenderConfig:
     behavior_hnsw_ef: int = 256  # see training.behavior.BEHAVIOR_HNSW_EF
     page_prior_strength: float = 5.0  # `a` of module interest: how many impressions the prior is worth
     page_prior_ttl_s: float = 60.0  # the global module rates (a scan of all impressions) are cached
+    # How often a running server checks the registry's live model and the collection alias, and
+    # switches to what they point at without a restart (0 = only at start).
+    model_poll_s: float = 2.0
+    map_new_products: bool = True  # products the GRU never saw get behavior vectors mapped from content
+    ab_versions: tuple[str, ...] = ()  # two registry versions to split shoppers between, or none
+    ab_split: float = 0.5  # share of shoppers in arm A (ab_versions[0])
+    ab_salt: str = "ab-1"  # a new salt reshuffles shoppers between arms for the next experiment
+    # Exploration on feed slots (serving/explore.py). Off by default: feeds stay deterministic and every
+    # slot is logged with propensity 1; "epsilon:0.05" or "thompson" turn it on (then off-policy
+    # evaluation of other epsilons has support in the logs).
+    explore_policy: str = "greedy"  # "greedy", "epsilon:E" (0 <= E <= 1) or "thompson"
+    explore_alternatives: int = 3  # candidates per slot besides the model's pick
+    thompson_samples: int = 1000  # Monte Carlo draws per slot: propensity standard error <= 0.016
+    thompson_prior_ctr: float = 0.05  # prior mean click rate of an alternative
+    thompson_prior_strength: float = 20.0  # the prior is worth this many impressions
+    thompson_model_lift: float = 2.0  # the model's pick starts at this many times the prior mean
+    explore_seed: int | None = None  # None: OS entropy per request; an int makes runs reproducible
 
     @classmethod
     def from_dict(cls, data: dict | None) -> RecommenderConfig:
@@ -78,7 +108,18 @@ class RecommenderConfig:
             raise ValueError(
                 f"unknown recommender setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
             )
-        return cls(**data)
+        data["ab_versions"] = tuple(data.get("ab_versions") or ())
+        config = cls(**data)
+        if len(config.ab_versions) not in (0, 2) or len(set(config.ab_versions)) != len(config.ab_versions):
+            raise ValueError(
+                f"ab_versions takes two different model versions, got {list(config.ab_versions)}"
+            )
+        if not 0 < config.ab_split < 1:
+            raise ValueError(f"ab_split is the share of shoppers in arm A, in (0, 1); got {config.ab_split}")
+        if config.model_poll_s < 0:
+            raise ValueError(f"model_poll_s must be >= 0 (0 = never), got {config.model_poll_s}")
+        ExploreSettings.from_config(config)  # a bad explore_* / thompson_* setting fails here, not per feed
+        return config
 
 
 @dataclass
@@ -116,8 +157,24 @@ def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: flo
     return picked
 
 
+def _serving(method):
+    """Run a public method under the swap guard: it sees one consistent serving state throughout."""
+
+    @functools.wraps(method)
+    def guarded(self, *args, **kwargs):
+        with self._guard.shared():
+            return method(self, *args, **kwargs)
+
+    return guarded
+
+
 class Recommender:
-    """Owns the live collection, the event store and (optionally) the GRU user encoder."""
+    """Owns the live collection, the event store and (optionally) the GRU user encoder.
+
+    `refresh()` follows the collection alias (`shopguide reembed`) and the model registry's live version
+    (`shopguide models promote|rollback`, `train update --promote`): the new state is prepared beside the
+    served one (collection opened, model vectors written to a behavior space of their own) and swapped in
+    between requests, so no request fails or sees a mix. `watch()` calls it every `model_poll_s`."""
 
     def __init__(
         self,
@@ -126,6 +183,7 @@ class Recommender:
         events: EventStore,
         sequence_model: Path | None = None,
         config: RecommenderConfig | None = None,
+        registry: Path | None = None,
     ) -> None:
         manifest_path = data_dir / MANIFEST
         if not manifest_path.is_file():
@@ -133,10 +191,12 @@ class Recommender:
                 f"no index in {data_dir}: run `shopguide ingest --data-dir {data_dir}` first"
             )
         self.data_dir = data_dir
-        self.manifest = json.loads(manifest_path.read_text())
-        self.catalog_dir = Path(self.manifest["catalog"]) if self.manifest.get("catalog") else None
         self.store = store
         self.index = store.open(ALIAS)
+        # The live collection's own manifest (written before the alias could point at it), so a crash
+        # between a re-embed's alias swap and its ingest.json rewrite cannot mismatch them.
+        self.manifest = collection_manifest(data_dir, self.index.name)
+        self.catalog_dir = Path(self.manifest["catalog"]) if self.manifest.get("catalog") else None
         self.heads: AlignmentHeads = load_heads_for(data_dir, self.index.spaces["image"].encoder)
         self.events = events
         self.config = config or RecommenderConfig()
@@ -144,55 +204,198 @@ class Recommender:
         self._count = (-1e9, 0)  # (monotonic time, product count): see product_count
         self._user_cache: OrderedDict[str, tuple[tuple, np.ndarray]] = OrderedDict()
         self._module_priors: tuple[float, dict[str, float]] = (-1e9, {})  # (monotonic time, priors)
-        self.sequence = None
-        if sequence_model is not None:
-            self._load_sequence_model(sequence_model)
-        self._vocabulary = self._read_vocabulary()
+        self._guard = SwapGuard()
+        self._refresh_lock = threading.Lock()  # one refresh at a time (the watcher, or a caller)
+        self._sequence_folder = sequence_model
+        self._registry_root = registry
+        self._models: dict[str, ModelSlot] = {}  # version -> slot: the live model and any A/B arms
+        self._live_model: str | None = None
+        self._retired_space: str | None = None  # behavior space of the model served before the live one
+        self._coverage_count = -1  # product count when the models' coverage of new products was checked
+        self.refresh_error: str | None = None  # why the last refresh failed (serving goes on unchanged)
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._vocabulary = self._read_vocabulary(self.index)
+        self.refresh(raise_errors=True)  # a broken model or registry fails at start, not later
+
+    # ---- following the alias and the model registry ------------------------------------------------
+    @property
+    def sequence(self):
+        """The live GRU user encoder, or None (content-based feeds)."""
+        slot = self._models.get(self._live_model) if self._live_model else None
+        return slot.encoder if slot else None
+
+    def _model_for(self, user_id: str) -> tuple[str | None, ModelSlot | None]:
+        """(A/B arm or None, the model slot) that serves this shopper."""
+        versions = self.config.ab_versions
+        if len(versions) == 2 and all(v in self._models for v in versions):
+            arm = ab_arm(user_id, self.config.ab_split, self.config.ab_salt)
+            return arm, self._models[versions[0] if arm == "A" else versions[1]]
+        return None, self._models.get(self._live_model) if self._live_model else None
+
+    def refresh(self, raise_errors: bool = False) -> dict:
+        """Switch to what the alias and the registry point at now; returns what changed ({} if nothing).
+
+        A failure (an unreadable model, a half-written collection) leaves the served state as it was and
+        is kept in `refresh_error` (shown by /healthz) unless `raise_errors`."""
+        with self._refresh_lock:
+            try:
+                changes = self._refresh()
+            except Exception as exc:
+                if raise_errors:
+                    raise
+                self.refresh_error = f"{type(exc).__name__}: {exc}"
+                log.warning("refresh failed, still serving the previous state: %s", self.refresh_error)
+                return {}
+            self.refresh_error = None
+            return changes
+
+    def _refresh(self) -> dict:
+        from encoders.sequence import SequenceEncoder
+
+        changes: dict = {}
+        index, heads, manifest, vocabulary = self.index, self.heads, self.manifest, self._vocabulary
+        target = self.store.get_alias(ALIAS)
+        if target is not None and target != self.index.name:
+            index = self.store.open_collection(target)
+            heads = load_heads_for(self.data_dir, index.spaces["image"].encoder)
+            manifest = collection_manifest(self.data_dir, target)
+            vocabulary = self._read_vocabulary(index)
+            changes["collection"] = {"from": self.index.name, "to": target}
+        live, wanted = wanted_models(self._registry_root, self._sequence_folder, self.config.ab_versions)
+        count = index.count()
+        new_products: set[str] | None = None
+        slots: dict[str, ModelSlot] = {}
+        for version, folder in wanted.items():
+            old = self._models.get(version)
+            if old is not None and index is self.index:
+                if count != self._coverage_count and self.config.map_new_products:
+                    # Products added since the slot was built: map them into the model's space.
+                    if new_products is None:
+                        new_products = set(index.product_ids())
+                    missing = new_products - old.covered
+                    if missing:
+                        added = upsert_behavior_vectors(index, old.encoder, map_content=True, only=missing)
+                        old = ModelSlot(
+                            version,
+                            old.encoder,
+                            old.space,
+                            old.covered | added.covered,
+                            old.mapped + added.mapped,
+                        )
+                        changes.setdefault("mapped_new_products", {})[version] = added.mapped
+                slots[version] = old
+                continue
+            try:
+                encoder = old.encoder if old is not None else SequenceEncoder.load(folder)
+            except Exception as exc:
+                raise RuntimeError(f"cannot load user-encoder model {version} from {folder}: {exc}") from exc
+            # The served model's item vectors must be in the collection it serves from; writing them
+            # here (the server owns the index) makes a promoted model servable without a restart.
+            written = upsert_behavior_vectors(index, encoder, map_content=self.config.map_new_products)
+            slots[version] = ModelSlot(version, encoder, written.space, written.covered, written.mapped)
+            changes.setdefault("models", []).append(version)
+        if live != self._live_model:
+            changes["live_model"] = {"from": self._live_model, "to": live}
+        if set(slots) != set(self._models):
+            changes.setdefault("models", [])
+        if not changes and all(slots[v] is self._models.get(v) for v in slots):
+            self._coverage_count = count
+            return {}
+        old_index, previous = self.index, self._models
+        with self._guard.exclusive():
+            self.index, self.heads, self.manifest, self._vocabulary = index, heads, manifest, vocabulary
+            self.catalog_dir = Path(manifest["catalog"]) if manifest.get("catalog") else None
+            self._models, self._live_model = slots, live
+            self._coverage_count = count
+            self._count = (-1e9, 0)
+            with self._lock:
+                self._user_cache.clear()  # user vectors of another model are not comparable
+        if index is not old_index:
+            old_index.close()  # no request holds it: they all finished before the swap
+        # Spaces of models no longer served: no request of this process can reach them after the swap.
+        # The last retired one stays one more round: against a Qdrant server, other replicas may serve
+        # it until their own next poll (and a rollback to it costs no rewrite).
+        keep = {slot.space.name for slot in slots.values()}
+        retired = [s.space.name for v, s in previous.items() if v not in slots and s.space.name not in keep]
+        if retired:
+            self._retired_space = retired[-1]
+        if self._retired_space:
+            keep.add(self._retired_space)
+        for name in [n for n in index.spaces if is_behavior_space(n) and n not in keep]:
+            index.drop_space(name)
+            changes.setdefault("dropped_spaces", []).append(name)
+        if changes:
+            log.info("serving state changed: %s", changes)
+        return changes
+
+    def watch(self, interval_s: float | None = None) -> None:
+        """Call refresh() every `interval_s` (default: config.model_poll_s) in a daemon thread."""
+        interval = self.config.model_poll_s if interval_s is None else interval_s
+        if interval <= 0 or self._watcher is not None:
+            return
+
+        def loop() -> None:
+            while not self._stop.wait(interval):
+                self.refresh()
+
+        self._watcher = threading.Thread(target=loop, name="shopguide-refresh", daemon=True)
+        self._watcher.start()
 
     # ---- setup -------------------------------------------------------------------------------------
-    def _load_sequence_model(self, path: Path) -> None:
-        from encoders.sequence import SequenceEncoder
-        from training.behavior import upsert_behavior_vectors
-
-        encoder = SequenceEncoder.load(path)
-        # The served model's item vectors must be the ones in the index; writing them here (the server
-        # owns the index) makes a freshly trained model servable with one command.
-        upsert_behavior_vectors(self.index, encoder)
-        self.sequence = encoder
-
-    def _read_vocabulary(self) -> dict[str, list[str]]:
+    def _read_vocabulary(self, index) -> dict[str, list[str]]:
         values: dict[str, set[str]] = {key: set() for key in KEYWORD_FIELDS}
-        for payload in self.payloads():
+        for payload in self._payloads(index):
             for key in KEYWORD_FIELDS:
                 if payload.get(key):
                     values[key].add(payload[key])
         return {key: sorted(v) for key, v in values.items()}
 
+    @_serving
     def payloads(self, batch: int = 2048) -> list[dict]:
+        return self._payloads(self.index, batch)
+
+    @staticmethod
+    def _payloads(index, batch: int = 2048) -> list[dict]:
         """Every product's payload (with its product_id), for the query vocabulary."""
-        ids = list(self.index.product_ids())
+        ids = list(index.product_ids())
         out = []
         for start in range(0, len(ids), batch):
             out.extend(
-                {**r.payload, "product_id": r.product_id} for r in self.index.get(ids[start : start + batch])
+                {**r.payload, "product_id": r.product_id} for r in index.get(ids[start : start + batch])
             )
         return out
 
+    @_serving
     def vocabulary(self) -> dict[str, list[str]]:
         return self._vocabulary
 
     def reconfigure(self, config: dict | None) -> None:
-        self.config = RecommenderConfig.from_dict(config)
+        """New live settings; new A/B arms are loaded before this returns (an unknown version is an
+        error and the previous settings stay)."""
+        new = RecommenderConfig.from_dict(config)
+        old, self.config = self.config, new
+        if new.ab_versions != old.ab_versions or new.map_new_products != old.map_new_products:
+            try:
+                self.refresh(raise_errors=True)
+            except Exception:
+                self.config = old
+                raise
 
     # ---- versions and health -----------------------------------------------------------------------
+    @_serving
     def model_versions(self) -> dict[str, str]:
-        versions = {name: space.encoder for name, space in self.index.spaces.items()}
+        versions = {n: s.encoder for n, s in self.index.spaces.items() if not is_behavior_space(n)}
         versions["collection"] = self.index.name
-        versions["user_encoder"] = (
-            self.index.spaces["behavior"].encoder if self.sequence else "content-fallback"
-        )
+        live = self._models.get(self._live_model) if self._live_model else None
+        versions["behavior"] = live.space.encoder if live else "none"
+        versions["user_encoder"] = live.space.encoder if live else "content-fallback"
+        versions["user_encoder_version"] = live.version if live else "none"
+        if len(self.config.ab_versions) == 2:
+            versions["ab_arm_A"], versions["ab_arm_B"] = self.config.ab_versions
         return versions
 
+    @_serving
     def product_count(self) -> int:
         """Points in the live collection, cached for a second: an exact count scans the collection
         (about 1 ms at 11k products), and /healthz may be polled often."""
@@ -201,14 +404,19 @@ class Recommender:
             self._count = (now, self.index.count())
         return self._count[1]
 
+    @_serving
     def health(self) -> dict:
         """Cheap liveness facts for /healthz: the index answers, and which models are served."""
-        return {
+        out = {
             "products": self.product_count(),
             "collection": self.index.name,
             "model_versions": self.model_versions(),
         }
+        if self.refresh_error:
+            out["refresh_error"] = self.refresh_error
+        return out
 
+    @_serving
     def stats(self) -> dict:
         return {
             "products": self.product_count(),
@@ -234,12 +442,14 @@ class Recommender:
             raise BadRequestError(f"min_price {filters.min_price} is above max_price {filters.max_price}")
         return filters
 
+    @_serving
     def product(self, product_id: str) -> dict:
         found = self.index.get([product_id])
         if not found:
             raise NotFoundError(f"product {product_id!r} is not in the catalog")
         return {"product_id": product_id, **found[0].payload}
 
+    @_serving
     def update_product(self, product_id: str, fields: dict) -> dict:
         """Payload-only update of price and/or stock (vectors untouched), visible to the next query."""
         unknown = sorted(set(fields) - {"price", "in_stock"})
@@ -263,6 +473,7 @@ class Recommender:
             self.index.set_payload(product_id, clean)
         return self.product(product_id)
 
+    @_serving
     def image_path(self, product_id: str) -> Path:
         """The product's photo on disk; only for products in the index (so ids never become paths)."""
         self.product(product_id)
@@ -347,6 +558,7 @@ class Recommender:
         }
 
     # ---- similar items -----------------------------------------------------------------------------
+    @_serving
     def similar(
         self,
         product_id: str,
@@ -368,10 +580,18 @@ class Recommender:
         title = source.payload.get("title", product_id)
         excluded = {product_id, *exclude}
         picks: list[_Pick] = []
-        if mode in source.vectors:
+        space, version = mode, self.index.spaces[mode].encoder if mode in self.index.spaces else "none"
+        live = self._models.get(self._live_model) if self._live_model else None
+        if mode == "behavior":
+            space, version = (live.space.name, live.space.encoder) if live else ("", "none")
+        if space in source.vectors:
             hnsw_ef = self.config.behavior_hnsw_ef if mode == "behavior" else None
-            for hit in self._rank(mode, source.vectors[mode], k, filters, list(excluded), diversity, hnsw_ef):
+            for hit in self._rank(
+                space, source.vectors[space], k, filters, list(excluded), diversity, hnsw_ef
+            ):
                 picks.append(_Pick(hit.product_id, hit.score, hit.payload, [f"{MODE_REASON[mode]} {title}"]))
+            if mode == "behavior":
+                self._label_mapped(picks, live, source=product_id)
         if mode == "behavior" and len(picks) < k and "fused" in source.vectors:
             # Products without behavior data (new, or never bought) fall back to content similarity.
             taken = [*excluded, *(p.product_id for p in picks)]
@@ -382,18 +602,32 @@ class Recommender:
                     _Pick(hit.product_id, hit.score, hit.payload, [f"{MODE_REASON['fused']} {title}", FILLED])
                 )
         self._backfill(picks, k, filters, excluded)
-        version = self.index.spaces[mode].encoder if mode in self.index.spaces else "none"
         return self._respond(picks, version, mode=mode)
 
     # ---- search ------------------------------------------------------------------------------------
+    @_serving
     def project_text(self, raw: np.ndarray) -> np.ndarray:
         """(d_text,) raw text-encoder features -> (dim,) unit query vector in the shared space."""
+        self._check_tower("text", raw, self.heads.config.text_dim)
         # np.array copies: arrays that come through Ray are read-only, which torch warns about.
         return self.heads.project_texts(np.array(raw, dtype=np.float32)[None])[0]
 
+    @_serving
     def project_image(self, raw: np.ndarray) -> np.ndarray:
+        self._check_tower("image", raw, self.heads.config.image_dim)
         return self.heads.project_images(np.array(raw, dtype=np.float32)[None])[0]
 
+    def _check_tower(self, modality: str, raw: np.ndarray, expected: int) -> None:
+        # Right after a re-embed swaps in a collection built with another encoder, the query encoders
+        # may still be the old ones for a moment (they follow the live manifest): a retry, not a 500.
+        if np.shape(raw)[-1] != expected:
+            wanted = self.manifest.get("encoders", {}).get(f"{modality}_encoder", "?")
+            raise UnavailableError(
+                f"the {modality} query encoder is switching to the live collection's ({wanted}); "
+                "retry in a few seconds"
+            )
+
+    @_serving
     def search(
         self,
         k: int = 10,
@@ -443,6 +677,7 @@ class Recommender:
         return self._respond(picks, self.index.spaces[mode].encoder, **extra)
 
     # ---- events ------------------------------------------------------------------------------------
+    @_serving
     def add_events(self, raw_events: Sequence[dict]) -> dict:
         """Validate a batch (all or nothing), store it durably, and drop the users' cached vectors."""
         events = []
@@ -462,12 +697,14 @@ class Recommender:
                 self._user_cache.pop(user_id, None)
         return {"accepted": result.accepted, "duplicates": result.duplicates}
 
+    @_serving
     def user_events(self, user_id: str, limit: int = 50) -> dict:
         if not 1 <= limit <= 10_000:
             raise BadRequestError(f"limit must be between 1 and 10000, got {limit}")
         events = self.events.recent(user_id, limit)
         return {"user_id": user_id, "events": [e.to_dict() for e in events]}
 
+    @_serving
     def delete_user(self, user_id: str) -> dict:
         """Forget a shopper: events, product page impressions and the cached user vector."""
         events, impressions = self.events.forget_user(user_id)
@@ -481,6 +718,7 @@ class Recommender:
         }
 
     # ---- personalized feed -------------------------------------------------------------------------
+    @_serving
     def feed(
         self,
         user_id: str,
@@ -501,22 +739,26 @@ class Recommender:
         if self.config.exclude_seen:
             exclude |= {e.product_id for e in history}
         searches = [e.query for e in self.events.recent(user_id, 10) if e.type == "search" and e.query]
-        if not history:
-            return self._cold_start(user_id, k, filters, exclude)
-        records = {
-            r.product_id: r for r in self.index.get([e.product_id for e in history], with_vectors=True)
-        }
+        records = (
+            {r.product_id: r for r in self.index.get([e.product_id for e in history], with_vectors=True)}
+            if history
+            else {}
+        )
         history = [e for e in history if e.product_id in records]  # products since deleted are skipped
         if not history:
-            return self._cold_start(user_id, k, filters, exclude)
+            # Exploration on the cold start draws its alternatives from popular products only.
+            cold = self._cold_start(user_id, k, filters, exclude)
+            arm = self._model_for(user_id)[0]
+            return explore_and_log(self, cold, user_id=user_id, filters=filters, exclude=exclude, arm=arm)
         picks: list[_Pick] = []
         version = "content-fallback"
-        if self.sequence is not None:
-            user_vector = self._user_vector(user_id, history)
+        arm, slot = self._model_for(user_id)
+        if slot is not None:
+            user_vector = self._user_vector(user_id, history, slot)
             if user_vector is not None:
-                version = self.index.spaces["behavior"].encoder
+                version = slot.space.encoder
                 hits = self._rank(
-                    "behavior",
+                    slot.space.name,
                     user_vector,
                     k,
                     filters,
@@ -531,17 +773,40 @@ class Recommender:
             )
             picks = [_Pick(h.product_id, h.score, h.payload) for h in hits]
         self._explain_feed(picks, history, records, searches)
+        if slot is not None and version == slot.space.encoder:
+            self._label_mapped(picks, slot)
         self._backfill(picks, k, filters, exclude)
-        return self._respond(picks, version, user_id=user_id, personalized=True)
+        extra = {"arm": arm} if arm is not None else {}
+        response = self._respond(picks, version, user_id=user_id, personalized=True, **extra)
 
-    def _user_vector(self, user_id: str, history: list[Event]) -> np.ndarray | None:
-        signature = tuple(e.event_id for e in history[-3:]) + (len(history),)
+        def rank_more(n: int, taken: set[str]) -> list[Hit]:
+            # Exploration's alternatives: the content ranking of the history, continued past the slate
+            # (the same for every model and arm, so arms explore alike).
+            profile = self._content_profile(history, records)
+            return self._rank("fused", profile, n, filters, list(taken), 0.0)
+
+        return explore_and_log(
+            self, response, user_id=user_id, filters=filters, exclude=exclude, arm=arm, rank_more=rank_more
+        )
+
+    @staticmethod
+    def _label_mapped(picks: list[_Pick], slot: ModelSlot, source: str | None = None) -> None:
+        """Say so where a behavior link is predicted from content: the item (or the product it is
+        similar to) has no shopper data in the model yet."""
+        known = slot.encoder.item_index
+        source_mapped = source is not None and source not in known
+        for pick in picks:
+            if source_mapped or pick.product_id not in known:
+                pick.reasons.append(MAPPED)
+
+    def _user_vector(self, user_id: str, history: list[Event], slot: ModelSlot) -> np.ndarray | None:
+        signature = (slot.version, *(e.event_id for e in history[-3:]), len(history))
         with self._lock:
             cached = self._user_cache.get(user_id)
             if cached is not None and cached[0] == signature:
                 self._user_cache.move_to_end(user_id)
                 return cached[1]
-        vectors, stats = self.sequence.encode_users_with_stats([[(e.product_id, e.type) for e in history]])
+        vectors, stats = slot.encoder.encode_users_with_stats([[(e.product_id, e.type) for e in history]])
         if stats.unknown_items == len(history):
             return None
         with self._lock:
@@ -613,16 +878,20 @@ class Recommender:
                         _Pick(record.product_id, scores[record.product_id], record.payload, [reason])
                     )
                     taken.add(record.product_id)
-        if len(picks) < k and self.sequence is not None:
-            vector = self.sequence.cold_start_vector()
+        _, slot = self._model_for(user_id) if user_id is not None else (None, None)
+        if slot is None and self._live_model:
+            slot = self._models.get(self._live_model)
+        if len(picks) < k and slot is not None:
+            vector = slot.encoder.cold_start_vector()
             for hit in self.index.search(
-                "behavior", vector, k - len(picks), filters, tuple(taken), self.config.behavior_hnsw_ef
+                slot.space.name, vector, k - len(picks), filters, tuple(taken), self.config.behavior_hnsw_ef
             ):
                 picks.append(_Pick(hit.product_id, hit.score, hit.payload, ["popular first purchase"]))
         self._backfill(picks, k, filters, exclude)
         return self._respond(picks, "popularity", user_id=user_id, personalized=False)
 
     # ---- product page ------------------------------------------------------------------------------
+    @_serving
     def bought_together(self, product_id: str, k: int = 8, user_id: str | None = None) -> dict:
         """Products other shoppers put in their cart or bought along with `product_id` (co-occurrence
         within a shopper's cart/purchase events), topped up to k with popular products of the same
@@ -654,6 +923,7 @@ class Recommender:
                 picks.append(_Pick(hit.product_id, 0.0, hit.payload, [f"popular in {category}", FILLED]))
         return self._respond(picks, "co-occurrence")
 
+    @_serving
     def module_interest(self, user_id: str | None) -> dict[str, float]:
         """Predicted interest of the shopper in each product page module (see `page`)."""
         strength = self.config.page_prior_strength
@@ -684,6 +954,7 @@ class Recommender:
             self._module_priors = (now, rates)
         return rates
 
+    @_serving
     def page(self, product_id: str, user_id: str | None = None, k: int = 8) -> dict:
         """The product page: the product and its modules (similar items, frequently bought together,
         for you), each with its own request_id, ordered by the shopper's predicted interest.
@@ -728,6 +999,9 @@ class Recommender:
         return {"request_id": uuid.uuid4().hex, "user_id": user_id, "product": product, "modules": modules}
 
     def close(self) -> None:
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=60)  # a refresh in progress finishes its writes first
         self.index.close()
         self.events.close()
 

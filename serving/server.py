@@ -53,10 +53,12 @@ def _stop_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, handler)
 
 
-def _announce(host: str, port: int, api_key: str | None, generated: bool, data_dir: Path) -> None:
+def _announce(
+    host: str, port: int, api_key: str | None, generated: bool, data_dir: Path, where: str = ""
+) -> None:
     shown_host = "127.0.0.1" if host in ("0.0.0.0", "::") else host
     url = f"http://{shown_host}:{port}"
-    print(f"shopguide is serving {data_dir} at {url}  (API docs: {url}/docs)", flush=True)
+    print(f"shopguide is serving {data_dir}{where} at {url}  (API docs: {url}/docs)", flush=True)
     if api_key is None:
         print("writes are open: no API key (--no-api-key)", flush=True)
     else:
@@ -68,7 +70,8 @@ def _announce(host: str, port: int, api_key: str | None, generated: bool, data_d
 
 def ray_environment() -> None:
     """Ray settings `shopguide serve` starts with (before Ray starts, so every Ray process inherits them;
-    for `serve run`, export them in the shell)."""
+    for `serve run`, export them in the shell, except RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 on a cluster
+    of several machines: it keeps Ray on loopback)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # offline machines; nothing to report to
     # Ray Serve's documented latency/throughput mode (user code on the replica's event loop, gRPC between
     # deployments): similar-items p50/p99 12/18 ms against 15/28 ms with the defaults on 2 cores.
@@ -82,6 +85,22 @@ def ray_environment() -> None:
     # Replica recovery and config changes still take effect within a second.
     os.environ.setdefault("RAY_SERVE_CONTROL_LOOP_INTERVAL_S", "0.5")
     os.environ.setdefault("RAY_SERVE_METRICS_EXPORT_INTERVAL_MS", "1000")
+    # Ray's local-only mode (the one it runs on macOS and Windows): the node's address is the loopback
+    # one, so the GCS, raylet and object manager, every worker's gRPC server, the dashboard head and
+    # agent, the runtime-env agent, the autoscaler monitor and the metrics exporters all listen on
+    # 127.0.0.1. On Linux Ray otherwise listens on every interface or on the node's IP (and turns an
+    # explicit `_node_ip_address="127.0.0.1"` into that IP: ray/_private/services.py
+    # resolve_ip_for_localhost / get_node_ip_address, ray_constants.ENABLE_RAY_CLUSTER). No other machine
+    # can join this cluster then; a multi-node cluster is `ray start` / KubeRay (or export
+    # RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=1). The HTTP API still binds where --host says.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    constants = sys.modules.get("ray._private.ray_constants")
+    if constants is not None:  # Ray was imported before this ran: it read the variable already
+        # Parsed as Ray parses it (ray._common.utils.env_bool).
+        constants.ENABLE_RAY_CLUSTER = os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"].lower() in (
+            "1",
+            "true",
+        )
 
 
 def preflight(paths: dict) -> None:
@@ -89,7 +108,34 @@ def preflight(paths: dict) -> None:
     model fails here in one line instead of as a Ray deployment failure with retries."""
     from serving.deployments import build_recommender
 
-    build_recommender(paths).close()
+    recommender = build_recommender(paths)
+    recommender.close()
+    recommender.store.close()  # the Recommender does not own its store; this process is done with it
+
+
+def recommender_options(
+    options: dict[str, dict], replicas: int | None, qdrant_url: str | None, config: Path | None
+) -> dict[str, dict]:
+    """`options` (the Serve config's deployments) with the Recommender's replica count set to
+    `replicas` when given, refused when the index cannot take that many."""
+    from serving.deployments import RecommenderDeployment, check_recommender_replicas
+
+    name = RecommenderDeployment.name
+    if replicas is None:
+        check_recommender_replicas(qdrant_url, options.get(name, {}), source=str(config))
+        return options
+    recommender = {k: v for k, v in options.get(name, {}).items() if k != "autoscaling_config"}
+    recommender["num_replicas"] = replicas  # a fixed count replaces the config's autoscaling
+    check_recommender_replicas(qdrant_url, recommender, source=f"--recommender-replicas {replicas}")
+    return {**options, name: recommender}
+
+
+def _index_note(qdrant_url: str | None, options: dict[str, dict]) -> str:
+    """Where the index is and how many Recommender replicas serve it (for the start-up line)."""
+    if not qdrant_url:
+        return ""
+    replicas = options.get("Recommender", {}).get("num_replicas", 1)
+    return f" (index on the Qdrant server {qdrant_url}, {replicas} Recommender replica(s))"
 
 
 def run_server(
@@ -102,21 +148,41 @@ def run_server(
     qdrant_url: str | None = None,
     sequence_model: Path | None = None,
     use_ray: bool = True,
+    qdrant_api_key_env: str | None = "QDRANT_API_KEY",
+    recommender_replicas: int | None = None,
 ) -> int:
-    """Serve until Ctrl-C or SIGTERM; returns the exit code."""
+    """Serve until Ctrl-C or SIGTERM; returns the exit code.
+
+    qdrant_url: a Qdrant server instead of DATA_DIR/index, with its API key in the environment
+    variable `qdrant_api_key_env` (read by each process that connects; never printed or passed on).
+    recommender_replicas: the Recommender's num_replicas (default: the config's); more than 1 needs
+    qdrant_url. The event store stays DATA_DIR/events.db (SQLite, WAL), shared by the replicas of
+    this host."""
+    if use_ray:
+        ray_environment()  # before anything imports Ray: it reads some of these once, at import
     from serving.deployments import AppArgs, resolve_paths
 
+    if not use_ray and recommender_replicas not in (None, 1):
+        raise ValueError(
+            f"--recommender-replicas {recommender_replicas} needs Ray Serve; --no-ray serves from one process"
+        )
+    # Checked before anything starts, so a refused replica count costs no Ray start-up.
+    options = (
+        recommender_options(deployment_options(config), recommender_replicas, qdrant_url, config)
+        if use_ray
+        else {}
+    )
     key, generated = resolve_api_key(api_key, no_api_key)
     args = AppArgs(
         data_dir=str(data_dir),
         qdrant_url=qdrant_url,
+        qdrant_api_key_env=qdrant_api_key_env,
         sequence_model=str(sequence_model) if sequence_model else None,
         api_key=key,
     )
     if not use_ray:
         return _run_single_process(args, host, port, key, generated, data_dir)
     preflight(resolve_paths(args))
-    ray_environment()
     import ray
     from ray import serve
 
@@ -127,12 +193,12 @@ def run_server(
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})
         serve.run(
-            compose_app(args, deployment_options(config)),
+            compose_app(args, options),
             name=APP_NAME,
             route_prefix="/",
             logging_config=logging_options(config),
         )
-        _announce(host, port, key, generated, data_dir)
+        _announce(host, port, key, generated, data_dir, _index_note(qdrant_url, options))
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
@@ -149,21 +215,23 @@ def _run_single_process(args, host: str, port: int, key: str | None, generated: 
 
     import uvicorn
 
-    from encoders import get_image_encoder, get_text_encoder
     from serving.api import ApiSettings, LocalBackend, create_app
     from serving.deployments import build_recommender, resolve_paths
+    from serving.towers import QueryTower
     from training.ingest import MANIFEST
 
     paths = resolve_paths(args)
-    encoders = json.loads((Path(paths["data_dir"]) / MANIFEST).read_text())["encoders"]
+    paths_dir = Path(paths["data_dir"])
+    encoders = json.loads((paths_dir / MANIFEST).read_text())["encoders"]
     recommender = build_recommender(paths)
+    recommender.watch()  # follows `models promote` and `reembed` without a restart
     backend = LocalBackend(
         recommender,
-        get_text_encoder(encoders["text_encoder"], **encoders.get("text_encoder_args", {})),
-        get_image_encoder(encoders["image_encoder"], **encoders.get("image_encoder_args", {})),
+        QueryTower("text", encoders["text_encoder"], encoders.get("text_encoder_args", {}), paths_dir),
+        QueryTower("image", encoders["image_encoder"], encoders.get("image_encoder_args", {}), paths_dir),
     )
     app = create_app(backend, ApiSettings(api_key=key))
-    _announce(host, port, key, generated, data_dir)
+    _announce(host, port, key, generated, data_dir, _index_note(args.qdrant_url, {}))
     try:
         uvicorn.run(app, host=host, port=port, log_level="warning")  # handles Ctrl-C and SIGTERM itself
     finally:

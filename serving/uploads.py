@@ -10,6 +10,7 @@ from PIL import Image
 MAX_UPLOAD_BYTES = 10 * 1024 * 1024  # 10 MB; checked on the raw bytes before any decoding
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo is plausible; more is a decompression bomb
 QUERY_SIDE = 512  # uploads are shrunk to this longest side: encoders look at 224-320 px anyway
+_RESEND = "save the photo again (or take another) and re-send it"
 
 # Magic bytes of the formats an image search accepts (what the file is, whatever it is called).
 _SIGNATURES = (
@@ -74,8 +75,15 @@ def decode_upload(
     except UploadError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise UploadError(413, f"the image is too large to decode safely: {exc}") from None
+        raise UploadError(
+            413, f"the image is too large to decode safely ({exc}); send a photo under {max_pixels:,} pixels"
+        ) from None
+    except Image.UnidentifiedImageError:
+        # Pillow's message names an in-memory buffer object: nothing the sender can act on.
+        raise UploadError(
+            422, f"the {kind} image is corrupt or truncated: its header does not decode; {_RESEND}"
+        ) from None
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise UploadError(422, f"the {kind} image is corrupt or truncated: {exc}") from None
+        raise UploadError(422, f"the {kind} image is corrupt or truncated ({exc}); {_RESEND}") from None
     rgb.thumbnail((QUERY_SIDE, QUERY_SIDE))
     return rgb

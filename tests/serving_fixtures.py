@@ -6,12 +6,17 @@ module, so each module writes its own events and owns its own index folder.
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
 from tests.conftest import ARTICLES, COLOURS, make_catalog
+
+if TYPE_CHECKING:
+    from index.server import ServerStore
 
 API_KEY = "sekret"
 GENDERS = ("Men", "Women")
@@ -97,6 +102,28 @@ def _private_copy(tmp_path_factory: pytest.TempPathFactory, name: str, build, bu
 def serving_data_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A private copy of the session's serving data dir (built on first use)."""
     return _private_copy(tmp_path_factory, name, build_serving_data, _BUILT)
+
+
+def ingest_into_memory_qdrant(data_dir: Path) -> ServerStore:
+    """A qdrant-client ":memory:" store (the server backend's API, in-process) holding the catalog of
+    `data_dir`, ingested into it with the real ingest (the embedding cache and heads in data_dir make
+    the vectors the embedded index's; about 10 s on 2 cores, mostly loading the encoders).
+
+    Every ":memory:" store is a separate, empty database: hand this same store to the Recommender
+    (`build_recommender(paths, store=...)`) and close it after the Recommender."""
+    from index.server import ServerStore
+    from training.ingest import MANIFEST, run_ingest
+
+    catalog = Path(json.loads((data_dir / MANIFEST).read_text())["catalog"])
+    store = ServerStore(":memory:")
+    try:
+        summary = run_ingest(catalog, store, data_dir, progress=False)
+    except BaseException:
+        store.close()
+        raise
+    # Every feature came from the cache, so the vectors are exactly the embedded index's.
+    assert summary.images_embedded == 0 and not summary.skipped, summary
+    return store
 
 
 # ---- the storefront's catalog: the tiny catalog plus black (and a few brown) shoes -----------------

@@ -17,8 +17,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from index import Filters
 from serving.api import ApiSettings, LocalBackend, create_app
 from serving.deployments import AppArgs, build_recommender, resolve_paths
-from serving.recommend import FILLED
-from tests.serving_fixtures import API_KEY, UNSEEN_BY_GRU, serving_data_copy, tiny_ids
+from serving.recommend import FILLED, MAPPED
+from tests.serving_fixtures import (
+    API_KEY,
+    UNSEEN_BY_GRU,
+    ingest_into_memory_qdrant,
+    serving_data_copy,
+    tiny_ids,
+)
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 WRONG_AUTH = {"Authorization": "Bearer guess-123"}
@@ -51,12 +57,19 @@ class Served:
     behavior_ids: set[str]  # products the GRU knows (the others have no behavior vector)
 
 
-@pytest.fixture(scope="module")
-def served(tmp_path_factory: pytest.TempPathFactory):
+# Every test runs on both index backends: the embedded index (DATA_DIR/index) and the server backend
+# through qdrant-client's in-process ":memory:" mode holding the same catalog (server mode's contract).
+@pytest.fixture(scope="module", params=["embedded", "server"])
+def served(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     from encoders import get_image_encoder, get_text_encoder
 
-    data_dir = serving_data_copy(tmp_path_factory, "api")
-    recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(data_dir))))
+    data_dir = serving_data_copy(tmp_path_factory, f"api-{request.param}")
+    store = ingest_into_memory_qdrant(data_dir) if request.param == "server" else None
+    qdrant_url = ":memory:" if store is not None else None
+    recommender = build_recommender(
+        resolve_paths(AppArgs(data_dir=str(data_dir), qdrant_url=qdrant_url)), store=store
+    )
+    assert type(recommender.index).__name__ == ("ServerIndex" if store else "EdgeIndex")
     encoders = json.loads((data_dir / "ingest.json").read_text())["encoders"]
     backend = LocalBackend(
         recommender,
@@ -75,6 +88,8 @@ def served(tmp_path_factory: pytest.TempPathFactory):
     )
     client.close()
     recommender.close()
+    if store is not None:
+        store.close()
 
 
 @pytest.fixture(scope="module")
@@ -278,25 +293,56 @@ def test_similar_with_fewer_matches_than_k_returns_all_matches(client: TestClien
     assert len(whole["items"]) == 71
 
 
-def test_behavior_without_vectors_is_filled_from_content_and_labelled(
-    client: TestClient, served: Served
-) -> None:
-    unseen = set(tiny_ids(*UNSEEN_BY_GRU))  # no behavior vectors: the GRU never saw them
-    body = ok(client.get("/products/170/similar", params={"k": 5, "mode": "behavior"}))
+def test_products_the_gru_never_saw_are_mapped_and_labelled(client: TestClient, served: Served) -> None:
+    """Cold start: products without shopper data get behavior vectors from their content, and every
+    behavior link that rests on such a vector says so."""
+    unseen = set(tiny_ids(*UNSEEN_BY_GRU))
+    assert unseen and not unseen & served.behavior_ids
+    body = ok(client.get("/products/170/similar", params={"k": 5, "mode": "behavior"}))  # 170: unseen
     assert_recommendation(body, 5)
-    assert all(FILLED in i["reasons"] for i in body["items"])
-    # A product the GRU knows: behavior neighbours first, then the unseen ones filled in, labelled.
+    assert all(MAPPED in i["reasons"] and FILLED not in i["reasons"] for i in body["items"])
+    # A product the GRU knows: every other product is a behavior neighbour now (none filled), and
+    # exactly the unseen ones are labelled as placed by content.
     whole = ok(client.get("/products/101/similar", params={"k": 71, "mode": "behavior"}))
     assert_recommendation(whole, 71)
-    filled = [FILLED in i["reasons"] for i in whole["items"]]
-    assert filled == sorted(filled), "filler must come after the real behavior neighbours"
-    without_vectors = set(served.payloads) - served.behavior_ids - {"101"}
-    assert unseen <= without_vectors
-    assert {i["product_id"] for i in whole["items"] if FILLED in i["reasons"]} == without_vectors
+    assert not any(FILLED in i["reasons"] for i in whole["items"])
+    mapped = {i["product_id"] for i in whole["items"] if MAPPED in i["reasons"]}
+    assert mapped == set(served.payloads) - served.behavior_ids - {"101"} and unseen <= mapped
     only_unseen = {"k": 4, "mode": "behavior", "baseColour": "Green", "articleType": "Tshirts"}
     body = ok(client.get("/products/101/similar", params=only_unseen))
-    assert_recommendation(body, 4)
-    assert set(ids_of(body)) <= unseen and all(FILLED in i["reasons"] for i in body["items"])
+    assert set(ids_of(body)) <= unseen and all(MAPPED in i["reasons"] for i in body["items"])
+
+
+def test_without_the_mapping_unseen_products_are_filled_from_content(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> None:
+    from index import EdgeStore
+    from serving.event_store import SQLiteEventStore
+    from serving.recommend import Recommender, RecommenderConfig
+
+    data_dir = serving_data_copy(tmp_path_factory, "api-unmapped")
+    recommender = Recommender(
+        data_dir,
+        EdgeStore(data_dir / "index"),
+        SQLiteEventStore(data_dir / "events.db"),
+        data_dir / "models" / "sequence",
+        RecommenderConfig(map_new_products=False),
+    )
+    try:
+        unseen = set(tiny_ids(*UNSEEN_BY_GRU))
+        body = recommender.similar("170", 5, mode="behavior")
+        assert len(body["items"]) == 5 and all(FILLED in i["reasons"] for i in body["items"])
+        # A product the GRU knows: behavior neighbours first, then the unseen ones filled in, labelled.
+        whole = recommender.similar("101", 71, mode="behavior")
+        filled = [FILLED in i["reasons"] for i in whole["items"]]
+        assert len(filled) == 71 and filled == sorted(filled), "filler comes after real neighbours"
+        known = set(recommender.sequence.item_ids)
+        without_vectors = {p["product_id"] for p in recommender.payloads()} - known - {"101"}
+        assert unseen <= without_vectors
+        assert {i["product_id"] for i in whole["items"] if FILLED in i["reasons"]} == without_vectors
+        assert not any(MAPPED in i["reasons"] for i in whole["items"])
+    finally:
+        recommender.close()
 
 
 def test_diversity_reorders_and_keeps_k(client: TestClient, served: Served) -> None:

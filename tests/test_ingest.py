@@ -239,7 +239,7 @@ def test_ingest_killed_with_sigkill_loses_nothing(tiny_catalog: Path, tmp_path: 
 def test_cli_index_behavior_writes_the_models_vectors(ingested, tmp_path: Path, capsys) -> None:
     """Simulated shoppers -> GRU -> behavior vectors in the live collection, ranked like the model."""
     from encoders.sequence import SequenceEncoder, SequenceModelConfig
-    from training.behavior import BEHAVIOR_SPACE, index_recall_at_k
+    from training.behavior import behavior_space, index_recall_at_k
     from training.catalog import load_catalog
     from training.events import write_events
     from training.sequences import TrainConfig, run_train_sequences
@@ -261,7 +261,7 @@ def test_cli_index_behavior_writes_the_models_vectors(ingested, tmp_path: Path, 
     store = EdgeStore(data_dir / "index")
     index = store.open(ALIAS)
     encoder = SequenceEncoder.load(tmp_path / "gru")
-    assert index.spaces[BEHAVIOR_SPACE].dim == 10
+    assert index.spaces[behavior_space(encoder).name].dim == 10
     histories = [[(e.product_id, e.type)] for e in events[:20] if e.product_id]
     assert index_recall_at_k(index, encoder, histories, k=5) == 1.0
     store.close()

@@ -416,14 +416,17 @@ def test_a_version_1_store_is_migrated_on_open(tmp_path: Path) -> None:
         store.add([Event("e1", "u", "p1", "cart", request_id="r1")])
     # Make it what shopguide with schema version 1 wrote: no impressions table, no request_id index.
     raw = sqlite3.connect(path)
-    raw.executescript("DROP TABLE served; DROP INDEX events_request; PRAGMA user_version = 1;")
+    raw.executescript(
+        "DROP TABLE served; DROP INDEX events_request; DROP TRIGGER events_feed_reward; "
+        "DROP TABLE feed_items; DROP TABLE feed_product_stats; PRAGMA user_version = 1;"
+    )
     raw.close()
     with SQLiteEventStore(path) as store:
         assert [e.event_id for e in store.history("u")] == ["e1"] and store.popular() == [("p1", 4.0)]
         store.add_impressions([Impression("r1", "u", "similar", 1.0)])
         assert store.module_stats("u") == {"similar": ModuleStats(1, 2.0)}
     raw = sqlite3.connect(path)
-    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
+    assert raw.execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 3
     indexes = {row[0] for row in raw.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     raw.close()
     assert {"served_user_module", "events_request"} <= indexes

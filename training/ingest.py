@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -16,6 +18,10 @@ from training.vectors import EncoderConfig, ProductVectors, Towers, build_produc
 
 ALIAS = "products"  # the name queries use; it points at one concrete versioned collection
 MANIFEST = "ingest.json"  # what built the live collection: encoders, fusion, heads version
+# One manifest per collection (DATA_DIR/manifests/<collection>.json), written before the alias can point
+# at it, so a server that follows the alias knows which encoders and heads the new collection needs.
+MANIFESTS_DIR = "manifests"
+ALIAS_HISTORY = "alias_history.json"  # every move of the alias, oldest first (`reembed --swap-back`)
 UPSERT_BATCH = 256
 
 
@@ -94,6 +100,40 @@ def run_ingest(
     vectors = build_product_vectors(catalog, data_dir, towers, retrain_heads=retrain_heads, progress=progress)
     spaces = spaces_for(vectors, towers)
     name = collection_name(spaces)
+    written, deleted, total = write_collection(
+        store, name, spaces, vectors, delete_missing=limit is None, progress=progress
+    )
+    swapped, _ = point_alias(
+        store, data_dir, name, build_manifest(name, towers, spaces, vectors, catalog_dir), "ingest"
+    )
+    return IngestSummary(
+        collection=name,
+        products_indexed=written,
+        products_unchanged=len(vectors.products) - written,
+        products_deleted=deleted,
+        products_total=total,
+        skipped=vectors.skipped,
+        images_embedded=vectors.images_embedded,
+        image_seconds=vectors.image_seconds,
+        seconds=time.perf_counter() - start,
+        alias_swapped=swapped,
+        heads_metrics=vectors.heads_metrics,
+    )
+
+
+def write_collection(
+    store: IndexStore,
+    name: str,
+    spaces: list[VectorSpace],
+    vectors: ProductVectors,
+    delete_missing: bool,
+    progress: bool = True,
+) -> tuple[int, int, int]:
+    """Create or reopen collection `name` and make it hold exactly `vectors` (resumable).
+
+    Only products whose stored payload differs (new, changed, or never written before a kill) are
+    upserted, in batches; with `delete_missing`, points of products not in `vectors` are deleted.
+    Returns (products written, products deleted, points in the collection afterwards)."""
     index = (
         store.open_collection(name)
         if name in store.list_collections()
@@ -118,40 +158,75 @@ def run_ingest(
                 )
                 bar.update(len(batch))
         deleted = 0
-        if limit is None:
+        if delete_missing:
             keep = {p.id for p in vectors.products}
             gone = [pid for pid in index.product_ids() if pid not in keep]
             index.delete(gone)
             deleted = len(gone)
         if todo or deleted:
             index.optimize()
-        total = index.count()
+        return len(todo), deleted, index.count()
     finally:
         index.close()
-    swapped = store.get_alias(ALIAS) != name
-    if swapped:
-        store.set_alias(ALIAS, name)
-    manifest = {
+
+
+def build_manifest(
+    name: str, towers: Towers, spaces: list[VectorSpace], vectors: ProductVectors, catalog_dir: Path
+) -> dict:
+    """What a server needs to serve collection `name`: the query towers, the spaces and the heads."""
+    return {
         "collection": name,
         "encoders": asdict(towers.config),
         "spaces": [asdict(s) for s in spaces],
         "heads_version": vectors.heads.version,
         "catalog": str(catalog_dir),
     }
-    (data_dir / MANIFEST).write_text(json.dumps(manifest, indent=2))
-    return IngestSummary(
-        collection=name,
-        products_indexed=len(todo),
-        products_unchanged=len(vectors.products) - len(todo),
-        products_deleted=deleted,
-        products_total=total,
-        skipped=vectors.skipped,
-        images_embedded=vectors.images_embedded,
-        image_seconds=vectors.image_seconds,
-        seconds=time.perf_counter() - start,
-        alias_swapped=swapped,
-        heads_metrics=vectors.heads_metrics,
-    )
 
 
-__all__ = ["ALIAS", "IngestSummary", "run_ingest"]
+def manifest_path(data_dir: Path, collection: str) -> Path:
+    """DATA_DIR/manifests/<collection>.json: the manifest of one collection, live or not."""
+    return data_dir / MANIFESTS_DIR / f"{collection}.json"
+
+
+def write_json_atomic(path: Path, data: object) -> None:
+    """Write JSON so a reader (a server following the alias) sees the old or the new file, never half."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(json.dumps(data, indent=2))
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_alias_history(data_dir: Path) -> list[dict]:
+    """Every recorded move of the alias, oldest first: {at, alias, from, to, action}."""
+    path = data_dir / ALIAS_HISTORY
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else []
+
+
+def point_alias(
+    store: IndexStore, data_dir: Path, name: str, manifest: dict, action: str
+) -> tuple[bool, str | None]:
+    """Make `name` the live collection: its manifest first, then the alias, then DATA_DIR/ingest.json.
+
+    The order matters to a server that follows the alias: whatever it sees the alias point at already
+    has its manifest (and, written earlier, its heads). Returns (alias moved, the previous target)."""
+    write_json_atomic(manifest_path(data_dir, name), manifest)
+    previous = store.get_alias(ALIAS)
+    moved = previous != name
+    if moved:
+        store.set_alias(ALIAS, name)
+        history = read_alias_history(data_dir)
+        at = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        history.append({"at": at, "alias": ALIAS, "from": previous, "to": name, "action": action})
+        write_json_atomic(data_dir / ALIAS_HISTORY, history)
+    write_json_atomic(data_dir / MANIFEST, manifest)
+    return moved, previous
+
+
+__all__ = ["ALIAS", "IngestSummary", "point_alias", "run_ingest", "write_collection"]

@@ -175,6 +175,12 @@ def run_update(
         new_items = sorted({p for seq in data.sequences for p in seq} - set(encoder.item_ids))
         item_ids = [*encoder.item_ids, *new_items]
         split = leave_one_out(data, item_ids, kinds)
+        if not split.user_ids:
+            raise ValueError(
+                f"none of the {len(histories)} shopper(s) active since the live model's watermark has 3 or "
+                "more product events (the least a fine-tuning step and its validation need); wait for more "
+                "events, or run a full update"
+            )
         tuned = replace(train_config, lr=policy.incremental_lr, max_epochs=policy.incremental_epochs)
         model, summary = train_model(split, len(item_ids), encoder.config, tuned, progress=progress,
                                      init_model=expand_model(encoder, item_ids))  # fmt: skip
@@ -216,3 +222,54 @@ def holdout_metrics(model_folder: Path, histories: dict[str, list[tuple[str, str
         hits.append(float(rank < 10))
         gains.append(1.0 / np.log2(rank + 2) if rank < 10 else 0.0)
     return {"HR@10": float(np.mean(hits)), "NDCG@10": float(np.mean(gains)), "users": len(usable)}
+
+
+def holdout_histories(events: Sequence[Event], days: float) -> dict[str, list[tuple[str, str]]]:
+    """The promotion gate's held-out shoppers: those active in the last `days` of the events."""
+    latest = max((e.ts for e in events if e.ts is not None), default=0.0)
+    recent = {e.user_id for e in events if e.ts is not None and e.ts >= latest - days * 86400}
+    return {u: h for u, h in histories_from_events(events).items() if u in recent}
+
+
+def update_and_promote(
+    events: Sequence[Event],
+    registry: ModelRegistry,
+    strategy: str = "hybrid",
+    tolerance: float | None = None,
+    holdout_days: float = 1.0,
+    model_config: SequenceModelConfig | None = None,
+    train_config: TrainConfig | None = None,
+    progress: bool = False,
+) -> dict:
+    """`shopguide train update --strategy S --promote`: train, register, then promote through the gate
+    (held-out: shoppers active in the last `holdout_days`). Skipped when no event is newer than the live
+    model's watermark. Returns what ran, the version, whether it went live and why, and the seconds."""
+    from training.registry import DEFAULT_TOLERANCE
+
+    live = registry.live()
+    watermark = registry.get(live).training.get("watermark_ts", 0.0) if live else 0.0
+    if live and not any((e.ts or 0.0) > watermark for e in events):
+        return {"ran": "skipped", "reason": "no events since the live model", "promoted": False,
+                "train_seconds": 0.0}  # fmt: skip
+    started = time.perf_counter()
+    summary = run_update(events, registry, strategy, model_config=model_config, train_config=train_config,
+                         progress=progress)  # fmt: skip
+    holdout = holdout_histories(events, holdout_days)
+    try:
+        result = registry.promote(
+            summary["version"],
+            lambda folder: holdout_metrics(folder, holdout),
+            tolerance=DEFAULT_TOLERANCE if tolerance is None else tolerance,
+        )
+        promoted, gate = result.promoted, result.reason
+    except ValueError as exc:  # no held-out shopper with two product events: the gate cannot judge
+        promoted, gate = False, f"gate not run: {exc}"
+    return {
+        "ran": summary["strategy"],
+        "reason": summary["reason"],
+        "version": summary["version"],
+        "promoted": promoted,
+        "gate": gate,
+        "fit_seconds": summary["seconds"],
+        "train_seconds": round(time.perf_counter() - started, 2),
+    }

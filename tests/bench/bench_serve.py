@@ -10,9 +10,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -22,10 +20,16 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.bench.common import write_result  # noqa: E402
+from tests.bench.common import (  # noqa: E402 - re-exported: other benchmarks and tests import them from here
+    API_KEY,
+    latency_histogram,
+    start_server,
+    stop_server,
+    wait_ready,
+    write_result,
+)
 from training.events import read_events  # noqa: E402
 
-API_KEY = "bench-key"
 TEMPLATES = (
     "red women's handbag under 2000",
     "do you have black formal shoes for men?",
@@ -36,32 +40,6 @@ TEMPLATES = (
     "navy blue watch for men under 150",
     "something for a party",
 )
-# Fixed log-spaced latency bins, 0.1 ms to 10 s, 12 per decade (each ~21% wide): every run and row shares
-# them, so `shopguide report` can overlay and compare histograms without the raw samples.
-HISTOGRAM_EDGES_MS = [float(f"{edge:.4g}") for edge in np.geomspace(0.1, 10_000, 61)]
-
-
-def start_server(data_dir: Path, port: int, no_ray: bool) -> subprocess.Popen:
-    command = [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
-    command += ["--api-key", API_KEY] + (["--no-ray"] if no_ray else [])
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    return subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-
-
-async def wait_ready(base: str, process: subprocess.Popen, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    async with aiohttp.ClientSession() as session:
-        while time.monotonic() < deadline:
-            if process.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{process.stdout.read()}")
-            try:
-                async with session.get(f"{base}/healthz") as response:
-                    if response.status == 200:
-                        return
-            except aiohttp.ClientError:
-                pass
-            await asyncio.sleep(1)
-    raise TimeoutError(f"{base} not ready after {timeout} s")
 
 
 async def seed_events(base: str, events_file: Path, users: int) -> list[str]:
@@ -152,13 +130,6 @@ async def measure(base: str, kind: str, concurrency: int, requests: int, stream)
     }
 
 
-def latency_histogram(ms: np.ndarray) -> dict:
-    """Counts per HISTOGRAM_EDGES_MS bin; samples outside 0.1 ms..10 s go to the first or last bin."""
-    edges = np.array(HISTOGRAM_EDGES_MS)
-    counts, _ = np.histogram(np.clip(ms, edges[0], edges[-1]), bins=edges)
-    return {"edges": HISTOGRAM_EDGES_MS, "counts": counts.tolist()}
-
-
 async def run(args: argparse.Namespace) -> dict:
     base = f"http://127.0.0.1:{args.port}"
     process = start_server(args.data_dir, args.port, args.no_ray)
@@ -203,11 +174,7 @@ async def run(args: argparse.Namespace) -> dict:
                 )
         return {"server": "uvicorn (no Ray)" if args.no_ray else "ray serve", "index": health, "rows": rows}
     finally:
-        process.terminate()  # SIGTERM: SIGINT is ignored by jobs a non-interactive shell backgrounds
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            process.kill()
+        stop_server(process)
 
 
 def targets(rows: list[dict]) -> dict:

@@ -1,0 +1,253 @@
+"""`shopguide reembed --ray-address` on a real two-node Ray cluster started on this machine."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from index import EdgeStore
+from serving.cli import main
+from tests.conftest import make_catalog
+from training.catalog import load_catalog
+from training.features import EmbeddingCache, file_hash, text_hash
+from training.ingest import ALIAS
+from training.reembed import RayConfig, product_texts, run_reembed
+from training.vectors import EncoderConfig
+
+pytestmark = pytest.mark.slow
+
+RAY = Path(sys.executable).with_name("ray")
+# Token authentication is Ray 2.60's default; this private test cluster and its driver run without it.
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+TINY_CLIP = {"model_name": "shopguide-tiny-vit"}  # 64-px ViT: loads and runs in a blink
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalRayCluster:
+    """A head node and a worker node (`ray start`) on this machine, each with its own CPUs and the
+    worker with a custom resource, in a private temp dir on free ports.
+
+    Stopped by PID, never with `ray stop` (which stops every Ray on the machine, other engineers' test
+    servers included): every process whose command line names this cluster's temp dir or GCS port,
+    and all their descendants (the raylets' workers and agents)."""
+
+    def __init__(
+        self, head_cpus: int = 1, worker_cpus: int = 1, worker_resources: dict | None = None
+    ) -> None:
+        self.head_cpus, self.worker_cpus = head_cpus, worker_cpus
+        self.worker_resources = worker_resources if worker_resources is not None else {"encoder_node": 1}
+        # Short: Ray's socket paths under it must stay below the 107-byte limit of a Unix socket.
+        self.temp_dir = tempfile.mkdtemp(prefix="sgray", dir="/tmp")
+        self.port = _free_port()
+        self.address = f"127.0.0.1:{self.port}"
+
+    def _start(self, *args: str) -> None:
+        # Every port a second node on the same machine would otherwise share (fixed defaults) is free-picked.
+        ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
+        command = [str(RAY), "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir]
+        command += ["--disable-usage-stats", "--metrics-export-port", str(_free_port())]
+        for flag in ports:
+            command += [flag, str(_free_port())]
+        proc = subprocess.run(
+            command, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=180
+        )
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(command)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}")
+
+    def start(self) -> LocalRayCluster:
+        try:
+            self._start(
+                "--head",
+                "--port",
+                str(self.port),
+                "--num-cpus",
+                str(self.head_cpus),
+                "--include-dashboard=false",
+                "--dashboard-port",
+                str(_free_port()),
+                "--ray-client-server-port",
+                str(_free_port()),
+            )
+            self._start(
+                "--address",
+                self.address,
+                "--num-cpus",
+                str(self.worker_cpus),
+                "--resources",
+                json.dumps(self.worker_resources),
+            )
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def pids(self) -> set[int]:
+        """This cluster's processes and their descendants."""
+        marks = (self.temp_dir.encode(), f":{self.port}\0".encode(), f":{self.port} ".encode())
+        children: dict[int, list[int]] = {}
+        roots = []
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit() or int(entry) == os.getpid():
+                continue
+            try:
+                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue  # exited meanwhile
+            state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+            if state == "Z":
+                continue  # a zombie is already dead
+            children.setdefault(int(ppid), []).append(int(entry))
+            if any(mark in cmdline for mark in marks):
+                roots.append(int(entry))
+        found, todo = set(), list(roots)
+        while todo:
+            pid = todo.pop()
+            if pid not in found:
+                found.add(pid)
+                todo.extend(children.get(pid, []))
+        return found
+
+    def stop(self) -> None:
+        """SIGTERM this cluster's processes, SIGKILL what is left after 10 s, remove the temp dir."""
+        for sig, wait_s in ((signal.SIGTERM, 10.0), (signal.SIGKILL, 5.0)):
+            for pid in self.pids():
+                try:
+                    os.kill(pid, sig)
+                except ProcessLookupError:
+                    pass
+            deadline = time.monotonic() + wait_s
+            while self.pids() and time.monotonic() < deadline:
+                time.sleep(0.2)
+            if not self.pids():
+                break
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+    def __enter__(self) -> LocalRayCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """The two-node cluster, with this process connected to it as the driver."""
+    import ray
+
+    saved = {key: os.environ.get(key) for key in RAY_ENV}
+    os.environ.update(RAY_ENV)
+    cluster = LocalRayCluster().start()
+    try:
+        ray.init(address=cluster.address, logging_level="WARNING")
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.stop()
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+    assert not cluster.pids(), "processes of the test cluster survived its stop"
+
+
+def test_reembed_on_two_nodes_resumes_and_validates(ray_cluster, tmp_path: Path, capsys) -> None:
+    import ray
+
+    nodes = [n for n in ray.nodes() if n["Alive"]]
+    assert len(nodes) == 2
+    worker = next(n["NodeID"] for n in nodes if "encoder_node" in n["Resources"])
+    head = next(n["NodeID"] for n in nodes if n["NodeID"] != worker)
+    catalog = make_catalog(tmp_path / "catalog")
+    data_dir = tmp_path / "data"
+    # Weights from a file, as every node of a real cluster would load them: a random-init tower would
+    # differ per actor process (the validation's `features` check catches that).
+    import open_clip
+    import torch
+
+    from encoders.clip import CONFIG_DIR
+
+    open_clip.add_model_config(CONFIG_DIR)
+    torch.manual_seed(0)
+    torch.save(open_clip.create_model("shopguide-tiny-vit").state_dict(), tmp_path / "tiny-clip.pt")
+    clip_args = {**TINY_CLIP, "checkpoint": str(tmp_path / "tiny-clip.pt")}
+    config = EncoderConfig(image_encoder="clip", image_encoder_args=clip_args)  # + MiniLM for text
+
+    # First the first 40 products, validated but not swapped in (as a run killed half-way would leave the
+    # cache); then all 72: Ray gets only the photos and texts the cache lacks.
+    store = EdgeStore(data_dir / "index")
+    try:
+        first = run_reembed(
+            catalog,
+            store,
+            data_dir,
+            config,
+            limit=40,
+            ray=RayConfig(ray_cluster.address, actors=2, batch_size=8),
+            swap=False,
+            progress=False,
+        )
+    finally:
+        store.close()
+    products = load_catalog(catalog).products
+    photos = [file_hash(p.image_path) for p in products]
+    texts = [text_hash(t) for t in product_texts(products)]
+    assert first.distributed and first.validation.ok and not first.swapped
+    assert (first.embed.images, first.embed.texts) == (len(set(photos[:40])), len(set(texts[: 3 * 40])))
+    # Both actors ran, one on each node (each node has one CPU, each actor takes one).
+    assert first.embed.actors == 2 and set(first.embed.nodes) == {head, worker}
+
+    yaml = tmp_path / "encoders.yaml"
+    yaml.write_text(json.dumps({"image_encoder": "clip", "image_encoder_args": clip_args}))
+    summary_json = tmp_path / "summary.json"
+    args = ["--catalog", str(catalog), "--data-dir", str(data_dir), "--config", str(yaml)]
+    ray_args = ["--ray-address", ray_cluster.address, "--actors", "2", "--batch-size", "8"]
+    assert main(["reembed", *args, *ray_args, "--json", str(summary_json)]) == 0
+    out = capsys.readouterr().out
+    assert "Ray actors" in out and "alias products: None -> " in out
+    summary = json.loads(summary_json.read_text())
+    assert summary["embed"]["images"] == len(set(photos)) - len(set(photos[:40]))
+    assert summary["embed"]["texts"] == len(set(texts)) - len(set(texts[: 3 * 40]))
+    assert summary["embed"]["nodes"] and set(summary["embed"]["nodes"]) <= {head, worker}
+    assert summary["validation"]["ok"] and summary["products_total"] == 72 and summary["swapped"]
+    store = EdgeStore(data_dir / "index")
+    try:
+        assert store.get_alias(ALIAS) == summary["collection"] == first.collection
+        with store.open(ALIAS) as index:
+            assert sorted(index.product_ids()) == sorted(p.id for p in products)
+    finally:
+        store.close()
+
+    # What the actors sent back is what this process computes for the same photos.
+    from PIL import Image
+
+    from encoders import get_image_encoder
+
+    encoder = get_image_encoder("clip", **clip_args)
+    cache = EmbeddingCache(data_dir / "cache" / "embeddings.sqlite")
+    try:
+        cached = cache.get_many(encoder.info.id, photos[:8])
+    finally:
+        cache.close()
+    for product, key in zip(products[:8], photos[:8], strict=True):
+        with Image.open(product.image_path) as image:
+            local = encoder.encode_images([image.convert("RGB")])[0]
+        assert float(local @ cached[key]) > 0.9999
+    assert isinstance(cached[photos[0]], np.ndarray)
