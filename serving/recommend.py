@@ -31,6 +31,9 @@ from training.ingest import ALIAS, MANIFEST
 from training.reembed import collection_manifest
 
 log = logging.getLogger(__name__)
+# How often a running server looks for products added to the collection without a behavior vector
+# (a count, then a scan of ids when it changed); model and alias changes are checked every poll.
+COVERAGE_CHECK_S = 30.0
 
 SIMILAR_MODES = (*MODES, "behavior")
 DIVERSITY_SPACE = "fused"  # diversity is judged on look + description, what a shopper perceives as "samey"
@@ -212,6 +215,7 @@ class Recommender:
         self._live_model: str | None = None
         self._retired_space: str | None = None  # behavior space of the model served before the live one
         self._coverage_count = -1  # product count when the models' coverage of new products was checked
+        self._coverage_checked = -1e9  # monotonic time of that check
         self.refresh_error: str | None = None  # why the last refresh failed (serving goes on unchanged)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
@@ -233,14 +237,14 @@ class Recommender:
             return arm, self._models[versions[0] if arm == "A" else versions[1]]
         return None, self._models.get(self._live_model) if self._live_model else None
 
-    def refresh(self, raise_errors: bool = False) -> dict:
+    def refresh(self, raise_errors: bool = False, check_coverage: bool = False) -> dict:
         """Switch to what the alias and the registry point at now; returns what changed ({} if nothing).
 
         A failure (an unreadable model, a half-written collection) leaves the served state as it was and
         is kept in `refresh_error` (shown by /healthz) unless `raise_errors`."""
         with self._refresh_lock:
             try:
-                changes = self._refresh()
+                changes = self._refresh(check_coverage)
             except Exception as exc:
                 if raise_errors:
                     raise
@@ -250,7 +254,7 @@ class Recommender:
             self.refresh_error = None
             return changes
 
-    def _refresh(self) -> dict:
+    def _refresh(self, check_coverage: bool = False) -> dict:
         from encoders.sequence import SequenceEncoder
 
         changes: dict = {}
@@ -263,6 +267,12 @@ class Recommender:
             vocabulary = self._read_vocabulary(index)
             changes["collection"] = {"from": self.index.name, "to": target}
         live, wanted = wanted_models(self._registry_root, self._sequence_folder, self.config.ab_versions)
+        coverage_due = check_coverage or time.monotonic() - self._coverage_checked >= COVERAGE_CHECK_S
+        if not changes and live == self._live_model and set(wanted) == set(self._models) and not coverage_due:
+            # The common case, every poll: two small file reads. Counting the collection (a scan) is
+            # left to the slower coverage check, so a poll adds no noticeable latency to requests.
+            return {}
+        self._coverage_checked = time.monotonic()
         count = index.count()
         new_products: set[str] | None = None
         slots: dict[str, ModelSlot] = {}

@@ -298,7 +298,7 @@ def test_a_product_added_after_training_reaches_the_feed_of_a_shopper_close_to_i
             vectors[name] = noisy / np.linalg.norm(noisy)
     recommender.index.upsert([Record("9001", vectors, {**twin.payload, "title": "New Blue Watch"})])
     assert recommender.feed("close-shopper", 10)["personalized"] is False  # no events yet: cold start
-    changes = recommender.refresh()
+    changes = recommender.refresh(check_coverage=True)  # the watcher does this every 30 s
     assert changes["mapped_new_products"] == {"folder:sequence": 1}
     history = [
         Event(f"close-{j}", "close-shopper", pid, "view", ts=1.0 + j) for j, pid in enumerate(group[:2])
