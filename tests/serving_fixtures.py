@@ -202,3 +202,21 @@ _BUILT_STOREFRONT: dict[Path, Path] = {}  # session base temp -> the storefront 
 def storefront_data_copy(tmp_path_factory: pytest.TempPathFactory, name: str) -> Path:
     """A private copy of the session's storefront data dir (tiny catalog + shoes; built on first use)."""
     return _private_copy(tmp_path_factory, name, build_storefront_data, _BUILT_STOREFRONT)
+
+
+def local_backend(data_dir: Path):
+    """(recommender, LocalBackend with the data dir's real query encoders) for an in-process app."""
+    import json
+
+    from encoders import get_image_encoder, get_text_encoder
+    from serving.api import LocalBackend
+    from serving.deployments import AppArgs, build_recommender, resolve_paths
+
+    recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(data_dir))))
+    encoders = json.loads((data_dir / "ingest.json").read_text())["encoders"]
+    backend = LocalBackend(
+        recommender,
+        get_text_encoder(encoders["text_encoder"], **encoders.get("text_encoder_args", {})),
+        get_image_encoder(encoders["image_encoder"], **encoders.get("image_encoder_args", {})),
+    )
+    return recommender, backend

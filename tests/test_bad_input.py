@@ -28,10 +28,9 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from index import EdgeStore, Record, SchemaMismatchError
-from serving.api import MAX_EVENTS_BODY_BYTES, MAX_QUERY_CHARS, ApiSettings, LocalBackend, create_app
-from serving.deployments import AppArgs, build_recommender, resolve_paths
+from serving.api import MAX_EVENTS_BODY_BYTES, MAX_QUERY_CHARS, ApiSettings, create_app
 from serving.uploads import MAX_PIXELS, MAX_UPLOAD_BYTES
-from tests.serving_fixtures import API_KEY, serving_data_copy, tiny_ids
+from tests.serving_fixtures import API_KEY, local_backend, serving_data_copy, tiny_ids
 from tests.test_api import assert_error, assert_recommendation, ok
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
@@ -51,16 +50,8 @@ class Served:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    from encoders import get_image_encoder, get_text_encoder
-
     data_dir = serving_data_copy(tmp_path_factory, "bad-input")
-    recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(data_dir))))
-    encoders = json.loads((data_dir / "ingest.json").read_text())["encoders"]
-    backend = LocalBackend(
-        recommender,
-        get_text_encoder(encoders["text_encoder"], **encoders.get("text_encoder_args", {})),
-        get_image_encoder(encoders["image_encoder"], **encoders.get("image_encoder_args", {})),
-    )
+    recommender, backend = local_backend(data_dir)
     app = create_app(backend, ApiSettings(api_key=API_KEY))
     catalog = Path(recommender.manifest["catalog"])
     # A file next to the catalog's photos: a traversal that worked would serve it.

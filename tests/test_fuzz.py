@@ -10,7 +10,6 @@ and a body that matches the documented schema; invalid input must be refused wit
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,9 +23,8 @@ from hypothesis.errors import Unsatisfiable
 from schemathesis.generation import GenerationMode
 from schemathesis.specs.openapi import checks as openapi_checks
 
-from serving.api import ApiSettings, LocalBackend, create_app
-from serving.deployments import AppArgs, build_recommender, resolve_paths
-from tests.serving_fixtures import API_KEY, serving_data_copy, tiny_ids
+from serving.api import ApiSettings, create_app
+from tests.serving_fixtures import API_KEY, local_backend, serving_data_copy, tiny_ids
 
 # Schemathesis sends the API key where the schema asks for it (HTTPBearer), and leaves it out or sends
 # a wrong one in the cases that test authentication.
@@ -177,16 +175,8 @@ def fuzz_operation(schema: Any, label: str, config: FuzzConfig = CONFIG) -> Fuzz
 @pytest.fixture(scope="module")
 def schema(tmp_path_factory: pytest.TempPathFactory):
     """The app over a private copy of the tiny serving fixture, loaded into schemathesis."""
-    from encoders import get_image_encoder, get_text_encoder
-
     data_dir = serving_data_copy(tmp_path_factory, "fuzz")
-    recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(data_dir))))
-    encoders = json.loads((data_dir / "ingest.json").read_text())["encoders"]
-    backend = LocalBackend(
-        recommender,
-        get_text_encoder(encoders["text_encoder"], **encoders.get("text_encoder_args", {})),
-        get_image_encoder(encoders["image_encoder"], **encoders.get("image_encoder_args", {})),
-    )
+    recommender, backend = local_backend(data_dir)
     app = create_app(backend, ApiSettings(api_key=API_KEY))
     yield schemathesis.openapi.from_asgi("/openapi.json", app, config=AUTH_CONFIG)
     recommender.close()

@@ -10,7 +10,6 @@ server's logs and metrics never held the id at all.
 
 from __future__ import annotations
 
-import json
 import logging
 import sqlite3
 from pathlib import Path
@@ -18,10 +17,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from serving.api import ApiSettings, LocalBackend, create_app
-from serving.deployments import AppArgs, build_recommender, resolve_paths
+from serving.api import ApiSettings, create_app
 from serving.event_store import SQLiteEventStore
-from tests.serving_fixtures import API_KEY, serving_data_copy, tiny_ids
+from tests.serving_fixtures import API_KEY, local_backend, serving_data_copy, tiny_ids
 from tests.test_api import ok
 from training.session_data import histories_from_events
 
@@ -33,16 +31,8 @@ SECRET_QUERY = "zebra-striped umbrella for my sister 7f3a9c"  # a search only th
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory):
-    from encoders import get_image_encoder, get_text_encoder
-
     data_dir = serving_data_copy(tmp_path_factory, "privacy")
-    recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(data_dir))))
-    encoders = json.loads((data_dir / "ingest.json").read_text())["encoders"]
-    backend = LocalBackend(
-        recommender,
-        get_text_encoder(encoders["text_encoder"], **encoders.get("text_encoder_args", {})),
-        get_image_encoder(encoders["image_encoder"], **encoders.get("image_encoder_args", {})),
-    )
+    recommender, backend = local_backend(data_dir)
     client = TestClient(create_app(backend, ApiSettings(api_key=API_KEY)), raise_server_exceptions=False)
     yield client, recommender, data_dir
     client.close()

@@ -4,7 +4,6 @@ the app served by uvicorn on localhost: search, product page, similar modes, cli
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import shutil
 import socket
@@ -17,7 +16,7 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from tests.serving_fixtures import API_KEY, shoe_ids, storefront_data_copy
+from tests.serving_fixtures import API_KEY, local_backend, shoe_ids, storefront_data_copy
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +39,10 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Live]:
     tiny catalog plus shoes, served by uvicorn in a background thread on a free localhost port."""
     import uvicorn
 
-    from encoders import get_image_encoder, get_text_encoder
-    from serving.api import ApiSettings, LocalBackend, create_app
-    from serving.deployments import AppArgs, build_recommender, resolve_paths
+    from serving.api import ApiSettings, create_app
 
     data_dir = storefront_data_copy(tmp_path_factory, "storefront")
-    recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(data_dir))))
-    encoders = json.loads((data_dir / "ingest.json").read_text())["encoders"]
-    backend = LocalBackend(
-        recommender,
-        get_text_encoder(encoders["text_encoder"], **encoders.get("text_encoder_args", {})),
-        get_image_encoder(encoders["image_encoder"], **encoders.get("image_encoder_args", {})),
-    )
+    recommender, backend = local_backend(data_dir)
     app = create_app(backend, ApiSettings(api_key=API_KEY))
     # A socket bound here and handed to uvicorn: no window in which another process takes the port.
     sock = socket.socket()
