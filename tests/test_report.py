@@ -269,7 +269,7 @@ def test_report_without_inputs_says_what_is_missing(tmp_path: Path, capsys: pyte
     expected = {
         "catalog": ("shopguide eval catalog", "shopguide eval questions"),
         "sequences": ("shopguide eval sequences",),
-        "simulator": ("shopguide simulate loop", "not built yet"),
+        "simulator": ("shopguide simulate loop", "make loop"),
         "latency": ("make bench", "serve.json"),
         "map": ("shopguide ingest", "alias `products`"),
     }

@@ -14,7 +14,7 @@ produces it, and the report is still written. Sections and the files they read:
 - product map: the fused vectors of DATA_DIR/index (alias `products`), PCA to 2-D
 
 Simulator curves (`results/simulate_loop.json`, written by the closed-loop simulator `shopguide simulate
-loop`, a later issue; `write_simulate_loop` below checks and writes it)::
+loop`, training/loop.py; `write_simulate_loop` below checks and writes it)::
 
     {"rows": [{"strategy": "popularity", "day": 0, "ctr": 0.031, "cvr": 0.12, "coverage": 0.05,
                "gini": 0.91}, ...],
@@ -22,7 +22,8 @@ loop`, a later issue; `write_simulate_loop` below checks and writes it)::
 
 One row per (strategy, day); `day` an int >= 0; every metric a number in [0, 1], for that day alone:
 ctr = clicks on recommended items / recommended items shown; cvr = purchases of recommended items /
-clicks on recommended items; coverage = distinct products recommended / products in the catalog;
+recommended items shown (purchases per impression, as the online-learning issue defines it; the loop
+adds purchases_per_click beside it); coverage = distinct products recommended / products in the catalog;
 gini = Gini coefficient of how often each catalog product was recommended (0 = evenly, near 1 = a few
 products get nearly every slot).
 """
@@ -57,8 +58,8 @@ COMMANDS = {
     "--json results/questions.json",
     "sequences": "shopguide eval sequences --dataset ../shared/datasets/amazon-sequences/Beauty.txt "
     "--model data/seq/beauty --json results/seq_beauty.json",
-    "loop": "shopguide simulate loop (the closed-loop simulator: not built yet, a later issue; "
-    "it will write results/simulate_loop.json)",
+    "loop": "shopguide simulate loop --days 7 --shoppers 300 --strategy all --data-dir data/demo "
+    "(or make loop; writes results/simulate_loop.json)",
     "ingest": "shopguide ingest --catalog ../shared/datasets/fashion-catalog --data-dir DATA_DIR",
 }
 
