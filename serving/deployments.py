@@ -134,11 +134,36 @@ def build_recommender(paths: dict, store: IndexStore | None = None) -> Any:
         raise
 
 
+# Our modules' loggers: "shopguide.*" (api, explore) and the packages' __name__ loggers.
+APP_LOGGERS = ("shopguide", "serving", "training", "index", "encoders")
+
+
+def _log_to_replica_file() -> None:
+    """Send our modules' log records to this replica's Ray Serve log file (LOGS/serve/replica_*.log).
+
+    Ray sets up handlers for its own "ray.serve" logger only; without this, a 500's error id or a
+    failed model refresh logged in a replica would be written nowhere anyone can find it."""
+    import logging.handlers
+
+    # Ray buffers its own records in a MemoryHandler (in throughput mode until an ERROR or a full
+    # buffer); ours are rare and must be on disk at once, so they go straight to its file handler.
+    handlers = [
+        h.target if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None else h
+        for h in logging.getLogger("ray.serve").handlers
+    ]
+    for name in APP_LOGGERS:
+        logger = logging.getLogger(name)
+        logger.handlers = list(handlers)
+        logger.propagate = False  # the same record must not also reach Ray's stderr capture
+        logger.setLevel(logging.INFO)
+
+
 @serve.deployment(name="Recommender")
 class RecommenderDeployment:
     """Owns the index and the event store; the embedded index allows exactly one replica."""
 
     def __init__(self, paths: dict) -> None:
+        _log_to_replica_file()
         self.recommender = build_recommender(paths)
 
     def reconfigure(self, config: dict) -> None:
@@ -308,6 +333,7 @@ class Ingress:
         image: DeploymentHandle,
         api_key: str | None,
     ) -> None:
+        _log_to_replica_file()
         self._backend = RayBackend(recommender, text, image)
         self._settings = ApiSettings(api_key=api_key)
 

@@ -222,3 +222,44 @@ def test_overload_is_a_503_with_retry_after(ray_serve: RayServe) -> None:
     assert set(statuses) <= {200, 503}, statuses  # never a 500
     assert statuses.count(200) >= 1
     assert len(_ok(ray_serve.http.post("/search/image", params={"k": 5}, files=files))["items"]) == 5
+
+
+def test_a_promoted_model_is_followed_through_ray_and_a_broken_one_is_logged(
+    ray_serve: RayServe, tmp_path: Path
+) -> None:
+    """The Recommender replica follows the registry (no restart, no redeploy); a model that fails to
+    load leaves the old one serving, shows in /healthz and is written to the replica's log file."""
+    import time
+
+    from encoders.sequence import SequenceEncoder
+    from training.registry import ModelRegistry
+
+    registry = ModelRegistry(ray_serve.data_dir / "models" / "registry")
+    model = SequenceEncoder.load(ray_serve.data_dir / "models" / "sequence")
+    SequenceEncoder(model.model, model.item_ids).save(tmp_path / "copy")
+    good = registry.register(tmp_path / "copy", "full").version
+    assert registry.promote(good, lambda _: {"NDCG@10": 0.5}).promoted
+
+    def health_within(seconds: float, check) -> dict:
+        deadline = time.monotonic() + seconds
+        while True:
+            body = _ok(ray_serve.http.get("/healthz"))
+            if check(body) or time.monotonic() > deadline:
+                return body
+            time.sleep(0.25)
+
+    body = health_within(15, lambda b: b["model_versions"]["user_encoder_version"] == good)
+    assert body["model_versions"]["user_encoder_version"] == good  # the default poll is 2 s
+    broken = registry.register(tmp_path / "copy", "full").version
+    (registry.path(broken) / "sequence_model.pt").write_bytes(b"not a checkpoint")
+    assert registry.promote(broken, lambda _: {"NDCG@10": 0.5}).promoted
+    body = health_within(15, lambda b: "refresh_error" in b)
+    assert broken in body["refresh_error"] and body["model_versions"]["user_encoder_version"] == good
+    assert len(_ok(ray_serve.http.get("/users/nobody-yet/feed", params={"k": 3}))["items"]) == 3
+    logged = [
+        p.name
+        for p in (ray_serve.logs_dir / "serve").glob("replica_*Recommender*.log")
+        if f"cannot load user-encoder model {broken}" in p.read_text(errors="replace")
+    ]
+    assert logged, "the failed refresh is in the Recommender replica's log file"
+    registry.rollback()  # leave the registry live on the good model for any later test
