@@ -461,16 +461,12 @@ def cmd_models_list(args: argparse.Namespace) -> int:
 
 def _load_events(args: argparse.Namespace) -> list:
     """The events to train or gate on: a JSON-lines file if given, else a snapshot of the event store."""
-    from serving.event_store import SQLiteEventStore
     from training.events import read_events
+    from training.worker import snapshot_events
 
     if args.events is not None:
         return list(read_events(args.events))
-    db = args.data_dir / "events.db"
-    if not db.is_file():
-        raise FileNotFoundError(f"no event store at {db}; pass --events FILE.jsonl or post events first")
-    with SQLiteEventStore(db) as store:
-        return list(store.iter_events())
+    return snapshot_events(args.data_dir)
 
 
 def cmd_models_promote(args: argparse.Namespace) -> int:

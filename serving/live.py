@@ -93,10 +93,9 @@ def wanted_models(
     from training.registry import ModelRegistry, RegistryError
 
     wanted: dict[str, Path] = {}
-    live = None
     registry = ModelRegistry(registry_root) if registry_root and (registry_root / "LIVE").is_file() else None
-    if registry is not None and registry.live():
-        live = registry.live()
+    live = registry.live() if registry is not None else None
+    if live is not None:
         wanted[live] = registry.path(live)
     elif folder is not None:
         live = f"{FOLDER_PREFIX}{folder.name}"

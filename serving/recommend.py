@@ -226,8 +226,11 @@ class Recommender:
     @property
     def sequence(self):
         """The live GRU user encoder, or None (content-based feeds)."""
-        slot = self._models.get(self._live_model) if self._live_model else None
+        slot = self._live_slot()
         return slot.encoder if slot else None
+
+    def _live_slot(self) -> ModelSlot | None:
+        return self._models.get(self._live_model) if self._live_model else None
 
     def _model_for(self, user_id: str) -> tuple[str | None, ModelSlot | None]:
         """(A/B arm or None, the model slot) that serves this shopper."""
@@ -235,7 +238,7 @@ class Recommender:
         if len(versions) == 2 and all(v in self._models for v in versions):
             arm = ab_arm(user_id, self.config.ab_split, self.config.ab_salt)
             return arm, self._models[versions[0] if arm == "A" else versions[1]]
-        return None, self._models.get(self._live_model) if self._live_model else None
+        return None, self._live_slot()
 
     def refresh(self, raise_errors: bool = False, check_coverage: bool = False) -> dict:
         """Switch to what the alias and the registry point at now; returns what changed ({} if nothing).
@@ -397,7 +400,7 @@ class Recommender:
     def model_versions(self) -> dict[str, str]:
         versions = {n: s.encoder for n, s in self.index.spaces.items() if not is_behavior_space(n)}
         versions["collection"] = self.index.name
-        live = self._models.get(self._live_model) if self._live_model else None
+        live = self._live_slot()
         versions["behavior"] = live.space.encoder if live else "none"
         versions["user_encoder"] = live.space.encoder if live else "content-fallback"
         versions["user_encoder_version"] = live.version if live else "none"
@@ -591,7 +594,7 @@ class Recommender:
         excluded = {product_id, *exclude}
         picks: list[_Pick] = []
         space, version = mode, self.index.spaces[mode].encoder if mode in self.index.spaces else "none"
-        live = self._models.get(self._live_model) if self._live_model else None
+        live = self._live_slot()
         if mode == "behavior":
             space, version = (live.space.name, live.space.encoder) if live else ("", "none")
         if space in source.vectors:
@@ -888,9 +891,7 @@ class Recommender:
                         _Pick(record.product_id, scores[record.product_id], record.payload, [reason])
                     )
                     taken.add(record.product_id)
-        _, slot = self._model_for(user_id) if user_id is not None else (None, None)
-        if slot is None and self._live_model:
-            slot = self._models.get(self._live_model)
+        slot = self._model_for(user_id)[1] if user_id is not None else self._live_slot()
         if len(picks) < k and slot is not None:
             vector = slot.encoder.cold_start_vector()
             for hit in self.index.search(

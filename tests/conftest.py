@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import csv
 import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -36,6 +39,28 @@ ARTICLES = {
     "Watches": ("Accessories", "Watches", "circle"),
     "Tshirts": ("Apparel", "Topwear", "triangle"),
 }
+
+
+def run_killed_on_third_upsert(body: str) -> subprocess.CompletedProcess:
+    """Run `body` (Python, with Path, EdgeStore and training.ingest imported) in a child process whose
+    third index upsert batch (of 16 points) kills it with SIGKILL: a crash mid-write, for real."""
+    prelude = textwrap.dedent("""
+        import os, signal
+        from pathlib import Path
+        import training.ingest
+        from index import EdgeStore
+        from index.edge import EdgeIndex
+        training.ingest.UPSERT_BATCH = 16
+        real, calls = EdgeIndex.upsert, []
+        def upsert(self, records):
+            calls.append(1)
+            if len(calls) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return real(self, records)
+        EdgeIndex.upsert = upsert
+    """)
+    script = prelude + textwrap.dedent(body)
+    return subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
 
 
 def draw_product(path: Path, colour: tuple[int, int, int], shape: str, jitter: int) -> None:

@@ -11,7 +11,7 @@ import pytest
 from index import EdgeStore, Filters
 from serving.cli import main
 from serving.search import ProductSearch
-from tests.conftest import draw_product
+from tests.conftest import draw_product, run_killed_on_third_upsert
 from training.ingest import ALIAS, run_ingest
 
 
@@ -201,30 +201,12 @@ def test_ingest_and_query_on_the_server_backend(tiny_catalog: Path, tmp_path: Pa
 
 def test_ingest_killed_with_sigkill_loses_nothing(tiny_catalog: Path, tmp_path: Path) -> None:
     """A real kill -9 between two upsert batches (no flush, no close): the re-run completes the index."""
-    import subprocess
-    import sys
-    import textwrap
-
     data_dir = tmp_path / "data"
-    script = textwrap.dedent(f"""
-        import os, signal
-        from pathlib import Path
-        import training.ingest
-        from index import EdgeStore
-        from index.edge import EdgeIndex
-        training.ingest.UPSERT_BATCH = 16
-        real, calls = EdgeIndex.upsert, []
-        def upsert(self, records):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, records)
-        EdgeIndex.upsert = upsert
+    proc = run_killed_on_third_upsert(f"""
         store = EdgeStore(Path({str(data_dir / "index")!r}))
         catalog, data = Path({str(tiny_catalog)!r}), Path({str(data_dir)!r})
         training.ingest.run_ingest(catalog, store, data, progress=False)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     summary = _ingest(tiny_catalog, data_dir)
     assert summary.images_embedded == 0

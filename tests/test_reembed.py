@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
-import textwrap
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -17,7 +14,7 @@ import torch
 from index import EdgeStore, IndexInUseError
 from serving.cli import main
 from serving.search import ProductSearch
-from tests.conftest import make_catalog
+from tests.conftest import make_catalog, run_killed_on_third_upsert
 from training.ingest import ALIAS, MANIFEST, read_alias_history, run_ingest
 from training.reembed import (
     NothingToReembed,
@@ -324,27 +321,13 @@ def test_reembed_killed_with_sigkill_keeps_the_old_collection_serving(live: Live
     server = EdgeStore(live.data_dir / "index")
     held = server.open(ALIAS)
     before = _served(held)
-    script = textwrap.dedent(f"""
-        import os, signal
-        from pathlib import Path
-        import training.ingest
-        from index import EdgeStore, IndexInUseError
-        from index.edge import EdgeIndex
+    proc = run_killed_on_third_upsert(f"""
         from training.reembed import run_reembed
         from training.vectors import EncoderConfig
-        training.ingest.UPSERT_BATCH = 16
-        real, calls = EdgeIndex.upsert, []
-        def upsert(self, records):
-            calls.append(1)
-            if len(calls) == 3:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real(self, records)
-        EdgeIndex.upsert = upsert
         data = Path({str(live.data_dir)!r})
         config = EncoderConfig(image_encoder="clip", image_encoder_args={live.new.image_encoder_args!r})
         run_reembed(Path({str(live.catalog)!r}), EdgeStore(data / "index"), data, config, progress=False)
     """)
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert _alias(live.data_dir) == live.collection
     assert _served(held) == before and held.count() == 72

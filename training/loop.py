@@ -71,7 +71,7 @@ import httpx
 import numpy as np
 
 from encoders.sequence import SequenceEncoder, SequenceModelConfig
-from training.catalog import Product, load_catalog
+from training.catalog import ATTRIBUTE_COLUMNS, Product, load_catalog
 from training.events import Event, write_events
 from training.ingest import ALIAS, MANIFEST
 from training.online_metrics import coverage, exposure_gini, rate_interval
@@ -494,19 +494,9 @@ def products_over_http(client: ShopClient, catalog: Path) -> list[Product]:
 
 
 def _product(product_id: str, payload: dict) -> Product:
-    names = (
-        "gender",
-        "masterCategory",
-        "subCategory",
-        "articleType",
-        "baseColour",
-        "season",
-        "year",
-        "usage",
-    )
     return Product(
         product_id, payload.get("title") or product_id, Path(), float(payload.get("price") or 0.0),
-        bool(payload.get("in_stock", True)), **{n: payload.get(n) for n in names},
+        bool(payload.get("in_stock", True)), **{n: payload.get(n) for n in ATTRIBUTE_COLUMNS},
     )  # fmt: skip
 
 

@@ -50,7 +50,8 @@ def snapshot_events(data_dir: Path) -> list:
     db = data_dir / "events.db"
     if not db.is_file():
         raise FileNotFoundError(
-            f"no event store at {db}: start `shopguide serve` or `shopguide events import`"
+            f"no event store at {db}: start `shopguide serve` or `shopguide events import` "
+            "(train update and models promote also take --events FILE.jsonl)"
         )
     with SQLiteEventStore(db) as store:
         return list(store.iter_events())
