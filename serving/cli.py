@@ -363,7 +363,8 @@ def cmd_simulate_loop(args: argparse.Namespace) -> int:
         warmup_days=args.warmup_days,
         seed=args.seed,
         strategies=strategies,
-        reaction=ReactionConfig(k=args.k),
+        explore_policy=args.explore_policy,
+        reaction=ReactionConfig(k=args.k, type_interest=args.type_interest),
         swap_timeout_s=args.swap_timeout,
         model=model_config,
         train=replace(train_config, seed=args.seed),
@@ -631,6 +632,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         use_ray=not args.no_ray,
         qdrant_api_key_env=args.qdrant_api_key_env,
         recommender_replicas=args.recommender_replicas,
+        explore_policy=args.explore_policy,
     )
 
 
@@ -864,6 +866,20 @@ def build_parser() -> argparse.ArgumentParser:
     m.add_argument("--seed", type=int, default=0, help="shoppers, reactions and training (default: 0)")
     m.add_argument("--k", type=int, default=10, help="items per slate (default: %(default)s)")
     m.add_argument(
+        "--explore-policy",
+        default="greedy",
+        metavar="POLICY",
+        help="the feed's exploration (greedy, epsilon:E, thompson); not greedy: IPS / SNIPS from the "
+        "feed log are checked against the simulator's true CTR (default: %(default)s)",
+    )
+    m.add_argument(
+        "--type-interest",
+        type=float,
+        default=1.0,
+        help="weight of the shopper's article-type interest in the click model; 0 leaves it out "
+        "(default: %(default)s)",
+    )
+    m.add_argument(
         "--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="an ingested index (ingested here if missing)"
     )
     m.add_argument("--work-dir", type=Path, help="copies per strategy (default: DATA_DIR/loop)")
@@ -957,6 +973,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--sequence-model",
         type=Path,
         help="GRU user encoder folder (default: DATA_DIR/models/sequence if present)",
+    )
+    p.add_argument(
+        "--explore-policy",
+        metavar="POLICY",
+        help="exploration on feed slots: greedy, epsilon:E or thompson (default: --config's explore_policy)",
     )
     p.add_argument("--no-ray", action="store_true", help="one process with uvicorn instead of Ray Serve")
     p.set_defaults(func=cmd_serve)

@@ -130,6 +130,21 @@ def recommender_options(
     return {**options, name: recommender}
 
 
+def with_explore_policy(options: dict[str, dict], explore_policy: str | None) -> dict[str, dict]:
+    """`options` with the Recommender's `user_config.explore_policy` replaced (checked here, so a
+    bad spec fails before anything starts)."""
+    if explore_policy is None:
+        return options
+    from serving.deployments import RecommenderDeployment
+    from training.offpolicy import LOGGING_POLICIES, parse_policy
+
+    parse_policy(explore_policy, LOGGING_POLICIES)
+    name = RecommenderDeployment.name
+    recommender = dict(options.get(name, {}))
+    recommender["user_config"] = {**(recommender.get("user_config") or {}), "explore_policy": explore_policy}
+    return {**options, name: recommender}
+
+
 def _index_note(qdrant_url: str | None, options: dict[str, dict]) -> str:
     """Where the index is and how many Recommender replicas serve it (for the start-up line)."""
     if not qdrant_url:
@@ -150,28 +165,28 @@ def run_server(
     use_ray: bool = True,
     qdrant_api_key_env: str | None = "QDRANT_API_KEY",
     recommender_replicas: int | None = None,
+    explore_policy: str | None = None,
 ) -> int:
     """Serve until Ctrl-C or SIGTERM; returns the exit code.
 
     qdrant_url: a Qdrant server instead of DATA_DIR/index, with its API key in the environment
     variable `qdrant_api_key_env` (read by each process that connects; never printed or passed on).
     recommender_replicas: the Recommender's num_replicas (default: the config's); more than 1 needs
-    qdrant_url. The event store stays DATA_DIR/events.db (SQLite, WAL), shared by the replicas of
-    this host."""
+    qdrant_url. explore_policy: the feed's exploration ("greedy", "epsilon:E", "thompson") instead of
+    the config's `explore_policy`. The event store stays DATA_DIR/events.db (SQLite, WAL), shared by
+    the replicas of this host."""
     if use_ray:
         ray_environment()  # before anything imports Ray: it reads some of these once, at import
-    from serving.deployments import AppArgs, resolve_paths
+    from serving.deployments import AppArgs, RecommenderDeployment, resolve_paths
 
     if not use_ray and recommender_replicas not in (None, 1):
         raise ValueError(
             f"--recommender-replicas {recommender_replicas} needs Ray Serve; --no-ray serves from one process"
         )
-    # Checked before anything starts, so a refused replica count costs no Ray start-up.
-    options = (
-        recommender_options(deployment_options(config), recommender_replicas, qdrant_url, config)
-        if use_ray
-        else {}
-    )
+    # Checked before anything starts, so a refused replica count or policy costs no Ray start-up.
+    options = with_explore_policy(deployment_options(config), explore_policy)
+    if use_ray:
+        options = recommender_options(options, recommender_replicas, qdrant_url, config)
     key, generated = resolve_api_key(api_key, no_api_key)
     args = AppArgs(
         data_dir=str(data_dir),
@@ -181,7 +196,8 @@ def run_server(
         api_key=key,
     )
     if not use_ray:
-        return _run_single_process(args, host, port, key, generated, data_dir)
+        user_config = options.get(RecommenderDeployment.name, {}).get("user_config")
+        return _run_single_process(args, host, port, key, generated, data_dir, user_config)
     preflight(resolve_paths(args))
     import ray
     from ray import serve
@@ -209,8 +225,11 @@ def run_server(
     return 0
 
 
-def _run_single_process(args, host: str, port: int, key: str | None, generated: bool, data_dir: Path) -> int:
-    """The same app in one process (uvicorn, no Ray): for development and to measure Ray's overhead."""
+def _run_single_process(
+    args, host: str, port: int, key: str | None, generated: bool, data_dir: Path, user_config: dict | None
+) -> int:
+    """The same app in one process (uvicorn, no Ray): for development and to measure Ray's overhead.
+    `user_config`: the Recommender's settings from the Serve config, as its replica would get them."""
     import json
 
     import uvicorn
@@ -224,6 +243,12 @@ def _run_single_process(args, host: str, port: int, key: str | None, generated: 
     paths_dir = Path(paths["data_dir"])
     encoders = json.loads((paths_dir / MANIFEST).read_text())["encoders"]
     recommender = build_recommender(paths)
+    try:
+        recommender.reconfigure(user_config)
+    except BaseException:
+        recommender.close()
+        recommender.store.close()
+        raise
     recommender.watch()  # follows `models promote` and `reembed` without a restart
     backend = LocalBackend(
         recommender,

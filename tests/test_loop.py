@@ -17,9 +17,11 @@ from fastapi.testclient import TestClient
 from encoders.sequence import SequenceModelConfig
 from serving.api import ApiSettings, LocalBackend, create_app
 from serving.deployments import AppArgs, build_recommender, resolve_paths
+from serving.event_store import FeedItem, SQLiteEventStore
 from tests.conftest import make_catalog
 from tests.serving_fixtures import serving_data_copy
 from training.catalog import load_catalog
+from training.events import Event
 from training.loop import (
     LoopConfig,
     LoopError,
@@ -30,13 +32,16 @@ from training.loop import (
     click_probabilities,
     day_row,
     format_table,
+    offpolicy_check,
     plan_day,
     position_bias,
     prepare_base,
     react,
     run_loop,
     run_strategy,
+    slate_utility,
     targets,
+    type_interest,
     warm_up,
     write_outputs,
 )
@@ -105,6 +110,75 @@ def test_react_follows_the_click_model_and_never_buys_out_of_stock():
     assert purchases["gone"] == 0 and carts["gone"] > 0  # out of stock: carted, never bought
     assert purchases["a"] / carts["a"] == pytest.approx(0.5, abs=0.03)
     assert similar / total == pytest.approx(0.3, abs=0.015)
+
+
+def test_type_interest_is_the_simulators_intent_model(view):
+    """log(P(intent = the product's type) * n eligible types), clipped at -3: favourites share 0.8,
+    every eligible type 0.2 / n; ineligible products stay unclickable through the utility."""
+    _, states = warm_up(view, shoppers=6, days=1, seed=3)
+    for state in states:
+        shopper = state.shopper
+        eligible = view.eligible(shopper.gender)
+        n = len(np.unique(view.article[eligible]))
+        interest = type_interest(view, shopper)
+        favourite = np.isin(view.article_names[view.article], shopper.article_types)
+        f = len(shopper.article_types)
+        assert f > 0 and favourite.any()
+        assert interest[favourite & eligible] == pytest.approx(math.log(0.8 / f * n + 0.2))
+        assert interest[~favourite & eligible] == pytest.approx(max(-3.0, math.log(0.2)))
+        # the intent probabilities the term comes from sum to one over the eligible types
+        types = np.unique(view.article[eligible])
+        p = [math.exp(interest[view.by_article[t][0]]) / n for t in types]
+        assert sum(p) == pytest.approx(1.0)
+        state.interest = interest
+        both = slate_utility(state, ReactionConfig(type_interest=1.0))
+        assert np.array_equal(np.isfinite(both), np.isfinite(state.utility))
+        assert both[favourite & eligible] == pytest.approx((state.utility + interest)[favourite & eligible])
+        assert slate_utility(state, ReactionConfig(type_interest=0.0)) is state.utility
+
+
+def test_offpolicy_check_compares_estimates_with_the_click_models_truth(tmp_path: Path):
+    """Two logged feeds of 2 slots: the true CTRs are the click model's probabilities of the greedy
+    and of the shown items at their positions; the estimates are training.offpolicy's on those rows."""
+    ids = ["a", "b", "c", "d"]
+    contexts = {"r1": np.array([2.0, 0.0, -np.inf, 1.0], np.float32), "r2": np.array([0.0, 3.0, 1.0, 1.0])}
+    items = [  # (request, position, shown, propensity, greedy)
+        ("r1", 0, "a", 0.75, "a"), ("r1", 1, "b", 0.25, "d"),
+        ("r2", 0, "c", 0.25, "b"), ("r2", 1, "d", 0.75, "d"),
+    ]  # fmt: skip
+    with SQLiteEventStore(tmp_path / "events.db") as store:
+        store.add_feed_items(
+            [
+                FeedItem(r, "u1", pos, shown, prop, greedy, 2, "epsilon:0.5", "v1", None, 1.0)
+                for r, pos, shown, prop, greedy in items
+            ]  # fmt: skip
+        )
+        store.add(
+            [
+                Event("e1", "u1", "a", "click", None, "r1", 2.0),
+                Event("e2", "u1", "d", "click", None, "r2", 3.0),
+            ]
+        )
+        # a feed of another run (not in contexts) is left out
+        store.add_feed_items([FeedItem("other", "u2", 0, "a", 1.0, "a", 1, "greedy", "v0", None, 1.0)])
+    check = offpolicy_check(tmp_path / "events.db", contexts, ids)
+    assert check["slots"] == 4 and check["policy"] == "epsilon:0.5"
+
+    def p(u: float, position: int) -> float:
+        return 1 / (1 + math.exp(-(u - 1))) / math.log2(position + 2)
+
+    greedy_truth = (p(2, 0) + p(1, 1) + p(3, 0) + p(1, 1)) / 4  # a, d | b, d
+    logging_truth = (p(2, 0) + p(0, 1) + p(1, 0) + p(1, 1)) / 4  # a, b | c, d
+    assert check["greedy"]["true_ctr"] == pytest.approx(greedy_truth)
+    assert check["logging"]["true_ctr"] == pytest.approx(logging_truth)
+    # the clicks were on a (greedy, propensity 0.75) and d (greedy, 0.75): IPS = (1/0.75 + 1/0.75) / 4
+    assert check["greedy"]["ips"] == pytest.approx(2 / 0.75 / 4)
+    assert check["logging"]["ips"] == pytest.approx(0.5) and check["logging"]["logged_ctr"] == 0.5
+    for target in ("greedy", "logging"):
+        e = check[target]
+        assert e["in_ips_interval"] == (e["ips_low"] <= e["true_ctr"] <= e["ips_high"])
+    with pytest.raises(LoopError, match="no logged feed slot"):
+        offpolicy_check(tmp_path / "events.db", {"unknown": contexts["r1"]}, ids)
 
 
 def test_react_draws_the_same_numbers_whatever_the_shopper_does():
@@ -185,8 +259,9 @@ def loop_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_strategies_in_process(loop_data: Path, tmp_path: Path):
-    """popularity and none through the real app in this process: slates, reactions and request ids."""
-    config = tiny_config()
+    """popularity and none through the real app in this process: slates, reactions and request ids;
+    the feed explores (epsilon 0.5), so its run ends with the off-policy check on its own feed log."""
+    config = tiny_config(explore_policy="epsilon:0.5")
     base = prepare_base(loop_data, tmp_path / "work", config, log=lambda _: None)
     assert (base.folder / "models" / "registry" / "LIVE").is_file() and base.warmup
     assert not (base.folder / "events.db").exists()  # the source's events never enter the loop
@@ -194,11 +269,27 @@ def test_strategies_in_process(loop_data: Path, tmp_path: Path):
         folder = tmp_path / strategy
         shutil.copytree(base.folder, folder)
         recommender = build_recommender(resolve_paths(AppArgs(data_dir=str(folder))))
+        recommender.reconfigure({"explore_policy": config.explore_policy})  # as `serve --explore-policy`
         try:
             with TestClient(create_app(LocalBackend(recommender), ApiSettings())) as http:
                 client = ShopClient("http://testserver", http=http)
                 registry = ModelRegistry(folder / "models" / "registry")
-                rows, training = run_strategy(client, registry, strategy, base, config, log=lambda _: None)
+                rows, training, check = run_strategy(
+                    client,
+                    registry,
+                    strategy,
+                    base,
+                    config,
+                    log=lambda _: None,
+                    events_db=folder / "events.db",
+                )
+                if strategy == "popularity":  # not the feed: nothing explored, nothing to check
+                    assert check is None
+                else:
+                    assert check["policy"] == "epsilon:0.5"
+                    assert check["slots"] == sum(r["impressions"] for r in rows)
+                    for target in ("greedy", "logging"):
+                        assert 0 < check[target]["true_ctr"] < 1 and check[target]["ips_se"] > 0
                 with pytest.raises(LoopError, match="LIVE without a restart"):
                     client.wait_for_model("no-such-version", "no-such-space", timeout_s=0.3)
             stored = list(recommender.events.iter_events())

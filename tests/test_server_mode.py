@@ -29,7 +29,7 @@ from serving.deployments import (
     qdrant_api_key,
     resolve_paths,
 )
-from serving.server import DEFAULT_CONFIG, deployment_options, recommender_options
+from serving.server import DEFAULT_CONFIG, deployment_options, recommender_options, with_explore_policy
 from tests.serving_fixtures import ingest_into_memory_qdrant, serving_data_copy, tiny_ids
 
 SECRET = "qdrant-secret-5f2c"  # a Qdrant API key that must never be printed or passed through Ray
@@ -103,6 +103,21 @@ def test_replicas_flag_sets_num_replicas_against_a_qdrant_server() -> None:
     autoscaled = {"Recommender": {"autoscaling_config": {"max_replicas": 4}, "max_ongoing_requests": 8}}
     fixed = recommender_options(autoscaled, 2, "http://qdrant:6333", None)["Recommender"]
     assert fixed == {"max_ongoing_requests": 8, "num_replicas": 2}
+
+
+def test_explore_policy_flag_replaces_the_configs_and_bad_specs_fail_first() -> None:
+    options = deployment_options(DEFAULT_CONFIG)
+    assert options["Recommender"]["user_config"]["explore_policy"] == "greedy"
+    assert with_explore_policy(options, None) is options
+    merged = with_explore_policy(options, "epsilon:0.2")
+    assert merged["Recommender"]["user_config"] == {
+        **options["Recommender"]["user_config"],
+        "explore_policy": "epsilon:0.2",
+    }
+    assert options["Recommender"]["user_config"]["explore_policy"] == "greedy"  # not changed in place
+    for bad in ("epsilon:2", "softmax", "logging"):  # "logging" is a target, never a serving policy
+        with pytest.raises(ValueError):
+            with_explore_policy(options, bad)
 
 
 # ---- the API key --------------------------------------------------------------------------------------

@@ -25,9 +25,16 @@ registry gets the day-0 model, forced live).
 A simulated day (loop day d is day warmup_days + d of the simulator's calendar, which starts on
 training.simulator.START_TS): each shopper drifts and draws sessions as in the simulator. A session
 opens the shop: the shopper gets a slate of k items (feed or popular) and reacts:
-P(click on position i) = sigmoid(utility - 1) * position_bias(i), position_bias(i) = 1 / log2(i + 2)
-(i = 0 at the top: 1, 0.63, 0.5, ... 0.29 at the tenth), utility being the simulator's deterministic
-utility (favourite colours, usage, price, brand; ineligible genders never click). A click goes to the
+P(click on position i) = sigmoid(utility + interest - 1) * position_bias(i), position_bias(i) =
+1 / log2(i + 2) (i = 0 at the top: 1, 0.63, 0.5, ... 0.29 at the tenth), utility being the simulator's
+deterministic utility (favourite colours, usage, price, brand; ineligible genders never click) and
+interest the shopper's interest in the product's article type (`type_interest`): log(P(a visit's intent
+is that type) * n eligible types), clipped at -3, from the simulator's own intent model (a favourite
+type with 0.8, else any eligible type), the form of its usage term. A slate mixes article types, which
+an organic session (one intent type) never does, so the click model has to say how much the shopper
+cares for each; without the term a favourite-type product is worth no more than any other, and the
+strongest taste the generative model has is invisible to clicks (`--type-interest 0` runs that model:
+popularity then beats every personalized strategy, see README). A click goes to the
 cart with 0.35 and a cart is bought with 0.5 (never when out of stock), and after a click the shopper
 opens "similar items" of it with `similar_probability` and reacts to that slate the same way. Every
 click, cart and purchase carries the request_id of the response that showed the product. The session
@@ -74,12 +81,14 @@ from encoders.sequence import SequenceEncoder, SequenceModelConfig
 from training.catalog import ATTRIBUTE_COLUMNS, Product, load_catalog
 from training.events import Event, write_events
 from training.ingest import ALIAS, MANIFEST
+from training.offpolicy import LOGGING_POLICIES, offpolicy_estimate, parse_policy
 from training.online_metrics import coverage, exposure_gini, rate_interval
 from training.registry import ModelRegistry
 from training.sequences import TrainConfig
 from training.simulator import (
     _EVENT_NAMESPACE,
     CART_PROBABILITY,
+    EXPLORE_PROBABILITY,
     PURCHASE_PROBABILITY,
     START_TS,
     Shopper,
@@ -108,6 +117,7 @@ class ReactionConfig:
 
     k: int = 10  # items per slate: feed, popular and similar items
     click_offset: float = 1.0  # P(click) = sigmoid(utility - click_offset) * position_bias: simulator's 1
+    type_interest: float = 1.0  # weight of the article-type interest in the click utility (0: left out)
     similar_probability: float = 0.3  # after a click, chance the shopper opens that product's similar items
 
 
@@ -120,6 +130,7 @@ class LoopConfig:
     warmup_days: int = 7  # simulator days before day 0: the day-0 model's training data
     seed: int = 0  # shoppers, their sessions and reactions, and model training
     strategies: tuple[str, ...] = STRATEGIES
+    explore_policy: str = "greedy"  # the feed's exploration; not greedy: the off-policy check runs too
     reaction: ReactionConfig = field(default_factory=ReactionConfig)
     tolerance: float = 0.02  # promotion gate: allowed relative NDCG@10 drop (as `train update --promote`)
     holdout_days: float = 1.0  # promotion gate: shoppers active in the last N days of events
@@ -139,6 +150,9 @@ class LoopConfig:
             raise ValueError(f"unknown strategies {unknown}; use some of {', '.join(STRATEGIES)}")
         if not 1 <= self.reaction.k <= 1000:
             raise ValueError(f"k must be between 1 and 1000, got {self.reaction.k}")
+        parse_policy(self.explore_policy, LOGGING_POLICIES)
+        if self.reaction.type_interest < 0:
+            raise ValueError(f"type_interest must be >= 0, got {self.reaction.type_interest}")
         if not 0 <= self.reaction.similar_probability <= 1:
             raise ValueError(
                 f"similar_probability must be in [0, 1], got {self.reaction.similar_probability}"
@@ -155,6 +169,7 @@ class SimShopper:
     shopper: Shopper
     brand_affinity: np.ndarray  # (n_brands,)
     utility: np.ndarray | None = None  # (n_products,) today's deterministic utility, -inf = ineligible
+    interest: np.ndarray | None = None  # (n_products,) today's interest in each product's article type
 
 
 def _event_id(seed: int, user_id: str, counter: int) -> str:
@@ -208,6 +223,7 @@ def plan_day(view: _CatalogView, states: list[SimShopper], day: int, seed: int) 
         rng = np.random.default_rng([seed, ORGANIC_STREAM, state.index, day])
         _drift(view, state.shopper, rng)
         state.utility = _utilities(view, state.shopper, state.brand_affinity)
+        state.interest = type_interest(view, state.shopper)
         for _ in range(rng.poisson(state.shopper.sessions_per_day)):
             start = START_TS + day * 86_400 + rng.uniform(0, 80_000)
             offset, organic = 0.0, []
@@ -220,18 +236,44 @@ def plan_day(view: _CatalogView, states: list[SimShopper], day: int, seed: int) 
 
 
 # ---- reactions --------------------------------------------------------------------------------------
+def type_interest(view: _CatalogView, shopper: Shopper) -> np.ndarray:
+    """(n_products,) log(P(a visit's intent is the product's article type) * n), clipped at -3, n the
+    shopper's eligible article types: the simulator's intent model (`_session`: a favourite type with
+    1 - EXPLORE_PROBABILITY, else a uniform eligible type) against a uniform intent. With 4 favourites
+    among n = 60 types: log(0.8 / 4 * 60 + 0.2) = +2.5 for a favourite type, log(0.2) = -1.6 otherwise."""
+    eligible = np.unique(view.article[view.eligible(shopper.gender)])
+    p_intent = np.zeros(len(view.article_names))
+    favourites = np.searchsorted(view.article_names, shopper.article_types)
+    explore = EXPLORE_PROBABILITY if len(favourites) else 1.0
+    p_intent[eligible] = explore / len(eligible)
+    np.add.at(p_intent, favourites, (1.0 - explore) / max(1, len(favourites)))
+    with np.errstate(divide="ignore"):
+        term = np.clip(np.log(p_intent * len(eligible)), -3.0, None)
+    return term[view.article]
+
+
+def slate_utility(state: SimShopper, reaction: ReactionConfig) -> np.ndarray:
+    """(n_products,) the utility a shown product's click probability reads: taste + type interest."""
+    if state.interest is None or reaction.type_interest == 0:
+        return state.utility
+    return state.utility + reaction.type_interest * state.interest
+
+
 def position_bias(positions: np.ndarray) -> np.ndarray:
     """Chance a shopper looks at slate position i (0 = top): 1 / log2(i + 2), the DCG discount."""
     return 1.0 / np.log2(np.asarray(positions, dtype=np.float64) + 2.0)
 
 
-def click_probabilities(utilities: np.ndarray, click_offset: float = 1.0) -> np.ndarray:
-    """(n,) utilities of a slate's items, top first -> P(click) per position; -inf (ineligible) -> 0."""
+def click_probabilities(
+    utilities: np.ndarray, click_offset: float = 1.0, positions: np.ndarray | None = None
+) -> np.ndarray:
+    """(n,) utilities of a slate's items, top first -> P(click) per position; -inf (ineligible) -> 0.
+    `positions`: each item's own slate position instead (slots of different slates)."""
     utilities = np.asarray(utilities, dtype=np.float64)
     finite = np.isfinite(utilities)
     interest = np.zeros(len(utilities))
     interest[finite] = 1.0 / (1.0 + np.exp(-(utilities[finite] - click_offset)))
-    return interest * position_bias(np.arange(len(utilities)))
+    return interest * position_bias(np.arange(len(utilities)) if positions is None else positions)
 
 
 @dataclass(frozen=True)
@@ -417,13 +459,16 @@ class ServerProcess:
     """`shopguide serve --no-ray --no-api-key` on a data dir copy, on a free localhost port; stopped with
     SIGTERM (then killed after 30 s). Its output goes to DATA_DIR/server.log."""
 
-    def __init__(self, data_dir: Path, start_timeout_s: float = 180.0) -> None:
+    def __init__(
+        self, data_dir: Path, start_timeout_s: float = 180.0, explore_policy: str = "greedy"
+    ) -> None:
         self.data_dir = data_dir
         self.port = _free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = data_dir / "server.log"
         command = [sys.executable, "-m", "serving.cli", "serve", "--no-ray", "--no-api-key",
-                   "--data-dir", str(data_dir), "--port", str(self.port)]  # fmt: skip
+                   "--data-dir", str(data_dir), "--port", str(self.port),
+                   "--explore-policy", explore_policy]  # fmt: skip
         env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
         with self.log_path.open("wb") as log:
             self.process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -676,16 +721,21 @@ def play_session(
     rng: np.random.Generator,
     reaction: ReactionConfig,
     stats: tuple[SlateStats, SlateStats],
+    contexts: dict[str, np.ndarray] | None = None,
 ) -> list[tuple[str, str | None, str | None, str | None, float]]:
     """One visit over HTTP: the strategy's slate and the reactions to it (similar items included),
-    then the organic browsing; returns (type, product, query, request_id, ts) in time order."""
+    then the organic browsing; returns (type, product, query, request_id, ts) in time order.
+    `contexts` gets request_id -> the click utilities the feed's slate was judged by."""
     main, similar = stats
+    utility = slate_utility(state, reaction)
     out: list[tuple[str, str | None, str | None, str | None, float]] = []
     ts = session.start
     response = client.slate(strategy, state.shopper.user_id, reaction.k)
     slate = [item["product_id"] for item in response["items"]]
     main.shown(slate, response.get("model_version", "?"))
-    reactions = react(slate, state.utility, row_of, view.in_stock, rng, reaction)
+    if contexts is not None:
+        contexts[response["request_id"]] = utility.astype(np.float32)
+    reactions = react(slate, utility, row_of, view.in_stock, rng, reaction)
     main.reacted(reactions)
     for r in reactions:
         for kind in r.types:
@@ -696,7 +746,7 @@ def play_session(
         more = client.get(f"/products/{r.product_id}/similar", k=reaction.k)
         more_slate = [item["product_id"] for item in more["items"]]
         similar.shown(more_slate, more.get("model_version", "?"))
-        more_reactions = react(more_slate, state.utility, row_of, view.in_stock, rng, reaction)
+        more_reactions = react(more_slate, utility, row_of, view.in_stock, rng, reaction)
         similar.reacted(more_reactions)
         for m in more_reactions:  # one level deep: similar items of similar items are not opened
             for kind in m.types:
@@ -715,9 +765,10 @@ def run_day(
     day: int,
     config: LoopConfig,
     run_id: str,
+    contexts: dict[str, np.ndarray] | None = None,
 ) -> tuple[SlateStats, SlateStats, list[Event]]:
     """Play one day's sessions against the server, each posted as it ends; returns (strategy slates,
-    similar slates, the events posted)."""
+    similar slates, the events posted). `contexts`: as for `play_session`."""
     row_of = {pid: i for i, pid in enumerate(base.view.ids)}
     rngs = {s.index: np.random.default_rng([config.seed, REACTION_STREAM, s.index, day]) for s in states}
     stats = (SlateStats(), SlateStats())
@@ -727,7 +778,16 @@ def run_day(
         state = states[session.shopper]
         user = state.shopper.user_id
         actions = play_session(
-            client, strategy, state, session, base.view, row_of, rngs[state.index], config.reaction, stats
+            client,
+            strategy,
+            state,
+            session,
+            base.view,
+            row_of,
+            rngs[state.index],
+            config.reaction,
+            stats,
+            contexts,
         )
         events = []
         for kind, pid, query, request_id, ts in actions:
@@ -748,10 +808,14 @@ def run_strategy(
     config: LoopConfig,
     log: Callable[[str], None] = print,
     train_log: Path | None = None,
-) -> tuple[list[dict], dict]:
+    events_db: Path | None = None,
+) -> tuple[list[dict], dict, dict | None]:
     """The warm-up events posted, then `config.days` days with updates after each (learning
-    strategies); returns the rows and a training summary for the strategy. `train_log` gets the
-    updates' per-epoch lines."""
+    strategies); returns the rows, a training summary for the strategy and, when the feed explores
+    (`config.explore_policy`), the off-policy check on the server's feed log `events_db`
+    (`offpolicy_check`). `train_log` gets the updates' per-epoch lines."""
+    checked = config.explore_policy != "greedy" and strategy != "popularity" and events_db is not None
+    contexts: dict[str, np.ndarray] | None = {} if checked else None
     run_id = uuid.uuid4().hex[:8]  # event ids stay unique if a server (--url) sees several runs
     client.post_events(base.warmup)
     client.wait_for_model(base.day0, base.behavior_encoder, config.swap_timeout_s)
@@ -765,7 +829,7 @@ def run_strategy(
         served = client.model_versions()
         started = time.perf_counter()
         main, similar, posted = run_day(
-            client, strategy, base, states, sessions, calendar_day, config, run_id
+            client, strategy, base, states, sessions, calendar_day, config, run_id, contexts
         )
         events.extend(posted)
         row = day_row(strategy, day, main, similar, catalog_size)
@@ -806,7 +870,63 @@ def run_strategy(
         "ran": dict(Counter(u["ran"] for u in updates)),
         "per_day": updates,
     }
-    return rows, training
+    check = None
+    if contexts is not None and events_db is not None:
+        check = offpolicy_check(events_db, contexts, base.view.ids, config.reaction.click_offset)
+        log(format_offpolicy(strategy, check))
+    return rows, training, check
+
+
+def offpolicy_check(
+    events_db: Path, contexts: dict[str, np.ndarray], product_ids: Sequence[str], click_offset: float = 1.0
+) -> dict:
+    """IPS / SNIPS estimates from the server's feed log beside the simulator's true CTRs on the same
+    logged requests. `contexts`: request_id -> the click utilities (n_products,) its shopper had then.
+
+    The click model is per slot (a slot's click depends only on its item and position), so the true
+    CTR of a policy on the logged requests is the mean over slots of P(click | the item that policy
+    puts in that slot, position): the logged greedy item for "greedy", the shown item for "logging".
+    Returns {"policy", "slots", "greedy": estimate + "true_ctr" + "in_ips_interval" +
+    "in_snips_interval", "logging": the same}."""
+    from serving.event_store import SQLiteEventStore
+
+    row_of = {pid: i for i, pid in enumerate(product_ids)}
+    with SQLiteEventStore(events_db) as store:
+        slots = [r for r in store.feed_items() if r.request_id in contexts]
+    if not slots:
+        raise LoopError(f"{events_db}: no logged feed slot of this run (is the server logging its feeds?)")
+
+    def true_ctr(pick: Callable) -> float:
+        utilities = np.array(
+            [contexts[r.request_id][row_of[pick(r)]] if pick(r) in row_of else -np.inf for r in slots]
+        )
+        positions = np.array([r.position for r in slots])
+        return float(click_probabilities(utilities, click_offset, positions).mean())
+
+    out: dict = {"policy": slots[0].policy, "slots": len(slots)}
+    for target, pick in (("greedy", lambda r: r.greedy_product_id), ("logging", lambda r: r.product_id)):
+        estimate = offpolicy_estimate(slots, target)
+        truth = true_ctr(pick)
+        estimate["true_ctr"] = truth
+        for name in ("ips", "snips"):
+            low, high = estimate[f"{name}_low"], estimate[f"{name}_high"]
+            estimate[f"in_{name}_interval"] = low is not None and low <= truth <= high
+        out[target] = estimate
+    return out
+
+
+def format_offpolicy(strategy: str, check: dict) -> str:
+    """One line per target policy: true CTR against the IPS and SNIPS estimates and their intervals."""
+    lines = [f"{strategy}: off-policy check on {check['slots']} slots logged under {check['policy']}"]
+    for target in ("greedy", "logging"):
+        e = check[target]
+        verdict = {name: "inside" if e[f"in_{name}_interval"] else "OUTSIDE" for name in ("ips", "snips")}
+        lines.append(
+            f"  {target:<8} true CTR {e['true_ctr']:.4f}  IPS {e['ips']:.4f} [{e['ips_low']:.4f}, "
+            f"{e['ips_high']:.4f}] {verdict['ips']}  SNIPS {e['snips']:.4f} "
+            f"[{e['snips_low']:.4f}, {e['snips_high']:.4f}] {verdict['snips']}"
+        )
+    return "\n".join(lines)
 
 
 # ---- the whole run ----------------------------------------------------------------------------------
@@ -825,6 +945,7 @@ def run_loop(
     started = time.perf_counter()
     rows: list[dict] = []
     training: dict[str, dict] = {}
+    offpolicy: dict[str, dict] = {}
     if url is not None:
         if len(config.strategies) != 1:
             raise ValueError(f"--url drives one running server: give one --strategy, not {config.strategies}")
@@ -834,7 +955,11 @@ def run_loop(
             base = prepare_remote(client, data_dir, config, catalog, train_log)
             registry = ModelRegistry(data_dir / "models" / "registry")
             strategy = config.strategies[0]
-            rows, training[strategy] = run_strategy(client, registry, strategy, base, config, log, train_log)
+            rows, training[strategy], check = run_strategy(
+                client, registry, strategy, base, config, log, train_log, data_dir / "events.db"
+            )
+            if check is not None:
+                offpolicy[strategy] = check
     else:
         work_dir = work_dir or data_dir / "loop"
         base = prepare_base(data_dir, work_dir, config, catalog, limit, log)
@@ -843,12 +968,17 @@ def run_loop(
             shutil.rmtree(folder, ignore_errors=True)
             shutil.copytree(base.folder, folder)
             log(f"{strategy}: starting `shopguide serve --no-ray` on {folder}")
-            with ServerProcess(folder, config.start_timeout_s) as server, ShopClient(server.url) as client:
+            with (
+                ServerProcess(folder, config.start_timeout_s, config.explore_policy) as server,
+                ShopClient(server.url) as client,
+            ):
                 registry = ModelRegistry(folder / "models" / "registry")
-                strategy_rows, training[strategy] = run_strategy(
-                    client, registry, strategy, base, config, log, folder / "train.log"
+                strategy_rows, training[strategy], check = run_strategy(
+                    client, registry, strategy, base, config, log, folder / "train.log", folder / "events.db"
                 )
             rows.extend(strategy_rows)
+            if check is not None:
+                offpolicy[strategy] = check
     return {
         "seed": config.seed,
         "shoppers": config.shoppers,
@@ -858,12 +988,15 @@ def run_loop(
         "warmup_events": len(base.warmup),
         "k": config.reaction.k,
         "position_bias": "1/log2(position+2)",
+        "type_interest": config.reaction.type_interest,
+        "explore_policy": config.explore_policy,
         "day0_model": base.day0,
         "day0_train_seconds": base.day0_summary.get("seconds"),
         "server": url or "shopguide serve --no-ray (one per strategy)",
         "seconds": round(time.perf_counter() - started, 1),
         "training": training,
         "targets": targets(rows),
+        "offpolicy": offpolicy,
         "rows": rows,
     }
 
@@ -919,6 +1052,8 @@ def format_table(result: dict) -> str:
                 f"; none {t['ctr']['none']:.4f} (hybrid above: {'yes' if t['hybrid_above_none'] else 'NO'})"
             )
         lines.append(line)
+    for strategy, check in result.get("offpolicy", {}).items():
+        lines.append(format_offpolicy(strategy, check))
     return "\n".join(lines)
 
 
