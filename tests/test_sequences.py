@@ -26,6 +26,7 @@ from training.sequences import (
     SequenceData,
     TrainConfig,
     attribute_bags,
+    effective_batch_size,
     evaluate_model,
     item_vocabulary,
     leave_one_out,
@@ -345,3 +346,12 @@ def test_content_side_information_round_trips_and_shapes_item_vectors(tmp_path: 
     np.testing.assert_allclose(loaded.scores([["a", "b"]]), encoder.scores([["a", "b"]]), atol=1e-6)
     with pytest.raises(ValueError, match="content has 3 rows"):
         GRUSequenceModel(SequenceModelConfig(dim=8, hidden=8), n_items=5, content=torch.zeros(3, 4))
+
+
+def test_small_logs_get_smaller_batches_so_an_epoch_has_enough_steps():
+    """batch_size is a ceiling: an epoch has at least min_steps_per_epoch steps when the data allows."""
+    config = TrainConfig(batch_size=128, min_steps_per_epoch=20)
+    assert effective_batch_size(22_000, config) == 128  # Amazon-sized: unchanged
+    assert effective_batch_size(300, config) == 15  # the closed loop's 300 shoppers: 20 steps
+    assert effective_batch_size(7, config) == 1  # fewer windows than steps: one window a step
+    assert effective_batch_size(300, TrainConfig(batch_size=128, min_steps_per_epoch=1)) == 128
