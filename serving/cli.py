@@ -170,6 +170,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
                 address=args.ray_address,
                 actors=args.actors,
                 cpus_per_actor=args.cpus_per_actor,
+                gpus_per_actor=args.gpus_per_actor,
                 batch_size=args.batch_size,
             )
         yaml_config = _encoder_config(args.config) if args.config else None
@@ -716,6 +717,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ray-address", help="embed on this Ray cluster (e.g. 127.0.0.1:6379, auto, local)")
     p.add_argument("--actors", type=int, default=2, help="encoder actors with --ray-address (default: 2)")
     p.add_argument("--cpus-per-actor", type=float, default=1.0, help="CPUs per encoder actor (default: 1)")
+    p.add_argument(
+        "--gpus-per-actor",
+        type=float,
+        default=0.0,
+        metavar="G",
+        help="GPUs Ray reserves per encoder actor, which then runs its encoders on that GPU; 0 = CPU "
+        "actors (default: 0; 0.5 puts two actors on one card)",
+    )
     p.add_argument("--batch-size", type=int, default=32, help="rows per actor call (default: 32)")
     p.add_argument("--no-swap", action="store_true", help="build and validate, leave the alias alone")
     p.add_argument(

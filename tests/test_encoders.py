@@ -11,8 +11,10 @@ from PIL import Image
 
 from encoders import get_image_encoder, get_text_encoder, list_image_encoders, list_text_encoders
 from encoders.alignment import AlignmentConfig, AlignmentHeads
-from encoders.base import pad_to_square
+from encoders.base import pad_to_square, resolve_device
 from tests.conftest import draw_product
+
+CUDA = torch.cuda.is_available()
 
 
 @pytest.fixture(scope="module")
@@ -170,3 +172,123 @@ def test_large_jpegs_decode_at_reduced_scale_with_the_same_vector(tmp_path: Path
     drafted = image_features(encoder, [("big", tmp_path / "big.jpg")], cache=None, progress=False).vectors[0]
     full = encoder.encode_images([Image.open(tmp_path / "big.jpg").convert("RGB")])[0]
     assert float(drafted @ full) > 0.97
+
+
+# ---- devices ------------------------------------------------------------------------------------
+
+
+def test_resolve_device_accepts_cpu_cuda_and_auto_only() -> None:
+    assert resolve_device("cpu") == torch.device("cpu")
+    assert resolve_device("auto").type == ("cuda" if CUDA else "cpu")
+    for bad in ("gpu", "mps", "cuda:x", ""):
+        with pytest.raises(ValueError, match=r"unknown device .*use cpu, cuda, cuda:N or auto"):
+            resolve_device(bad)
+
+
+@pytest.mark.skipif(CUDA, reason="checks the refusal on a machine where torch sees no GPU")
+def test_cuda_without_a_visible_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    for device in ("cuda", "cuda:1"):
+        with pytest.raises(ValueError, match=rf"device '{device}' requested, but no CUDA device is visible"):
+            resolve_device(device)
+    builds = [
+        lambda: get_image_encoder("efficientnet_lite0", device="cuda"),
+        lambda: get_image_encoder("tv_resnet18", device="cuda"),
+        lambda: get_image_encoder("clip", model_name="shopguide-tiny-vit", device="cuda"),
+        lambda: get_text_encoder("clip", model_name="shopguide-tiny-vit", device="cuda:0"),
+        lambda: get_text_encoder("minilm_l6_v2", device="cuda"),
+    ]
+    heads = AlignmentHeads(
+        AlignmentConfig("img/1", "txt/1", image_dim=12, text_dim=8, embed_dim=6, hidden_dim=16)
+    )
+    heads.save(tmp_path / "heads.pt")
+    builds.append(lambda: AlignmentHeads.load(tmp_path / "heads.pt", device="cuda"))
+    for build in builds:
+        with pytest.raises(ValueError, match="no CUDA device is visible"):
+            build()
+
+
+def _same_rows(after: np.ndarray, before: np.ndarray, device: torch.device) -> None:
+    # On a GPU ("auto" where CUDA is visible) TF32 convolutions and matmuls are ~1e-3 off; the CPU
+    # path must be today's, to float32 rounding.
+    np.testing.assert_allclose(after, before, atol=1e-5 if device.type == "cpu" else 5e-3)
+
+
+@pytest.mark.parametrize(("name", "kwargs"), IMAGE_CASES)
+def test_image_encoders_on_cpu_or_auto_keep_their_vectors_and_id(
+    name: str, kwargs: dict, photos, monkeypatch
+) -> None:
+    import encoders.clip
+
+    monkeypatch.setattr(encoders.clip, "_LOADED", {})  # each device builds its own seeded CLIP
+
+    def build(**device: str):
+        torch.manual_seed(0)  # tv_resnet18 and the tiny CLIP are random-init: one seed, one set of weights
+        return get_image_encoder(name, **kwargs, **device)
+
+    default = build()
+    before = default.encode_images(photos)
+    for device in ("cpu", "auto"):
+        encoder = build(device=device)
+        assert encoder.device == resolve_device(device)
+        assert encoder.info == default.info  # the index's encoder id never depends on the device
+        after = encoder.encode_images(photos)
+        assert after.dtype == np.float32
+        _same_rows(after, before, encoder.device)
+
+
+@pytest.mark.parametrize(
+    ("name", "kwargs"), [("minilm_l6_v2", {}), ("clip", {"model_name": "shopguide-tiny-vit"})]
+)
+def test_text_encoders_on_cpu_or_auto_keep_their_vectors_and_id(name: str, kwargs: dict, monkeypatch) -> None:
+    import encoders.clip
+
+    monkeypatch.setattr(encoders.clip, "_LOADED", {})
+    texts = ["red women's handbag", "blue men's watch"]
+
+    def build(**device: str):
+        torch.manual_seed(0)
+        return get_text_encoder(name, **kwargs, **device)
+
+    default = build()
+    before = default.encode_texts(texts)
+    for device in ("cpu", "auto"):
+        encoder = build(device=device)
+        assert encoder.device == resolve_device(device)
+        assert encoder.info == default.info
+        after = encoder.encode_texts(texts)
+        assert after.dtype == np.float32
+        _same_rows(after, before, encoder.device)
+
+
+def test_alignment_heads_on_cpu_or_auto_keep_their_version(tmp_path: Path) -> None:
+    import hashlib
+    import io
+
+    config = AlignmentConfig("img/1", "txt/1", image_dim=12, text_dim=8, embed_dim=6, hidden_dim=16)
+    heads = AlignmentHeads(config)
+    # The version names the collection's heads file: it must stay the hash it always was.
+    buffer = io.BytesIO()
+    torch.save(heads.state_dict(), buffer)
+    assert heads.version == hashlib.sha256(buffer.getvalue()).hexdigest()[:10]
+    heads.save(tmp_path / "heads.pt")
+    feats = np.random.default_rng(0).normal(size=(5, 12)).astype(np.float32)
+    for device in ("cpu", "auto"):
+        loaded = AlignmentHeads.load(tmp_path / "heads.pt", device=device)
+        assert loaded.version == heads.version
+        _same_rows(loaded.project_images(feats), heads.project_images(feats), resolve_device(device))
+
+
+def test_serve_encoder_replica_moves_to_the_user_config_device() -> None:
+    """The Ray Serve query encoders take `device` from user_config: a change builds a new tower (the old
+    one serves meanwhile); a device that cannot load fails the reconfigure and keeps the old one."""
+    from serving.deployments import DeviceQueryTower, on_device
+
+    tower = DeviceQueryTower("cpu", "text", "clip", {"model_name": "shopguide-tiny-vit"}, None)
+    assert tower.encoder.device == torch.device("cpu")
+    assert on_device(tower, {"max_batch_size": 4}) is tower  # no device key: cpu, nothing to rebuild
+    moved = on_device(tower, {"device": "auto"})
+    assert moved is not tower and moved.spec == tower.spec and moved.device == "auto"
+    assert moved.encoder.device == resolve_device("auto") and moved.encoder.info == tower.encoder.info
+    if not CUDA:
+        with pytest.raises(ValueError, match="'cuda' requested, but no CUDA device is visible"):
+            on_device(tower, {"device": "cuda"})

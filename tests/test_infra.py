@@ -121,9 +121,13 @@ def test_rayservice_runs_the_same_application_as_serve_run() -> None:
     local_deployments = {d["name"]: d for d in local["deployments"]}
     cluster_deployments = {d["name"]: d for d in cluster["deployments"]}
     assert list(local_deployments) == list(cluster_deployments)
-    # The live settings (recommender knobs, encoder batching) must not diverge between the two.
+    # The live settings (recommender knobs, encoder batching) must not diverge between the two, except
+    # where the encoders run: the cluster's encoder replicas hold a GPU, the local config a CPU.
     for name, deployment in local_deployments.items():
-        assert deployment.get("user_config") == cluster_deployments[name].get("user_config"), name
+        cluster_config = dict(cluster_deployments[name].get("user_config") or {})
+        if "num_gpus" in cluster_deployments[name].get("ray_actor_options", {}):
+            assert cluster_config.pop("device") == "cuda", name
+        assert (deployment.get("user_config") or {}) == cluster_config, name
 
 
 def test_every_configured_deployment_exists_in_code() -> None:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +23,7 @@ from tests.conftest import make_catalog
 from training.catalog import load_catalog
 from training.features import EmbeddingCache, file_hash, text_hash
 from training.ingest import ALIAS
-from training.reembed import RayConfig, product_texts, run_reembed
+from training.reembed import RayConfig, map_batches_options, product_texts, run_reembed
 from training.vectors import EncoderConfig
 
 pytestmark = pytest.mark.slow
@@ -251,3 +252,62 @@ def test_reembed_on_two_nodes_resumes_and_validates(ray_cluster, tmp_path: Path,
             local = encoder.encode_images([image.convert("RGB")])[0]
         assert float(local @ cached[key]) > 0.9999
     assert isinstance(cached[photos[0]], np.ndarray)
+
+
+# ---- CPU or GPU actors (no cluster needed) --------------------------------------------------------
+
+
+def test_ray_config_rejects_negative_gpus_per_actor() -> None:
+    assert RayConfig("local").gpus_per_actor == 0.0
+    assert RayConfig("local", gpus_per_actor=0.5).gpus_per_actor == 0.5
+    with pytest.raises(ValueError, match=r"--gpus-per-actor must be >= 0 \(0 = CPU actors\), got -1"):
+        RayConfig("local", gpus_per_actor=-1)
+
+
+def test_map_batches_asks_for_gpus_only_for_gpu_actors() -> None:
+    """A CPU pool asks Ray for what it always did; a GPU pool reserves GPUs and runs its towers there."""
+    encoders = EncoderConfig(image_encoder="clip", image_encoder_args=TINY_CLIP, device="auto")
+    cpu = map_batches_options(RayConfig("local", actors=3, cpus_per_actor=2, batch_size=8), encoders)
+    assert "num_gpus" not in cpu
+    assert (cpu["num_cpus"], cpu["batch_size"], cpu["resources"]) == (2, 8, None)
+    assert cpu["compute"].min_size == cpu["compute"].max_size == 3
+    actor = cpu["fn_constructor_kwargs"]
+    # The driver's device is its own: a CPU actor runs on the CPU, with the same towers otherwise.
+    assert actor["threads"] == 2 and actor["config"] == {**asdict(encoders), "device": "cpu"}
+
+    gpu = map_batches_options(
+        RayConfig("local", gpus_per_actor=0.5, resources={"encoder_node": 1}), EncoderConfig()
+    )
+    assert gpu["num_gpus"] == 0.5 and gpu["resources"] == {"encoder_node": 1}
+    assert gpu["fn_constructor_kwargs"]["config"]["device"] == "cuda"
+    # What the actor builds its towers from is a valid EncoderConfig.
+    assert EncoderConfig(**gpu["fn_constructor_kwargs"]["config"]).device == "cuda"
+
+
+def test_cli_reembed_passes_gpus_per_actor_and_the_config_device(tmp_path: Path, monkeypatch, capsys) -> None:
+    import training.reembed
+    from serving.cli import build_parser
+
+    assert build_parser().parse_args(["reembed"]).gpus_per_actor == 0.0
+    seen = {}
+
+    def fake_run_reembed(catalog, store, data_dir, encoder_config, **kwargs):
+        seen.update(encoder_config=encoder_config, ray=kwargs["ray"])
+        raise ValueError("stopped before embedding")  # main prints it in one line and returns 2
+
+    monkeypatch.setattr(training.reembed, "run_reembed", fake_run_reembed)
+    yaml = tmp_path / "encoders.yaml"
+    yaml.write_text(
+        "image_encoder: clip\nimage_encoder_args: {model_name: shopguide-tiny-vit}\ndevice: auto\n"
+    )
+    args = ["reembed", "--data-dir", str(tmp_path / "data"), "--config", str(yaml), "--ray-address", "local"]
+    assert main([*args, "--gpus-per-actor", "0.5", "--cpus-per-actor", "2"]) == 2
+    assert "stopped before embedding" in capsys.readouterr().err
+    assert (seen["ray"].gpus_per_actor, seen["ray"].cpus_per_actor) == (0.5, 2.0)
+    assert seen["encoder_config"].device == "auto"  # `device` is a known key of the encoder YAML
+
+    assert main([*args, "--gpus-per-actor", "-1"]) == 2
+    assert "--gpus-per-actor must be >= 0" in capsys.readouterr().err
+    yaml.write_text("image_encoder_args: {device: cuda}\n")
+    assert main(args) == 2
+    assert "set `device` at the top of the encoder config" in capsys.readouterr().err

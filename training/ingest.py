@@ -176,7 +176,8 @@ def build_manifest(
     """What a server needs to serve collection `name`: the query towers, the spaces and the heads."""
     return {
         "collection": name,
-        "encoders": asdict(towers.config),
+        # Where this run's towers ran (`device`) is not part of the collection's recipe.
+        "encoders": {k: v for k, v in asdict(towers.config).items() if k != "device"},
         "spaces": [asdict(s) for s in spaces],
         "heads_version": vectors.heads.version,
         "catalog": str(catalog_dir),

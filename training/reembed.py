@@ -8,6 +8,7 @@ import random
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -91,6 +92,8 @@ class RayConfig:
     address: str  # a running cluster ("127.0.0.1:6379", "auto", "ray://head:10001"), or "local" (in-process)
     actors: int = 2  # encoder actors in the pool; each loads both towers once
     cpus_per_actor: float = 1.0  # CPUs Ray reserves per actor; also its torch threads (at least 1)
+    # GPUs Ray reserves per actor (0.5: two actors share a card); > 0 runs the towers on that GPU.
+    gpus_per_actor: float = 0.0
     batch_size: int = 32  # rows (photos or texts) per map_batches call
     resources: dict = field(default_factory=dict)  # custom resources per actor, e.g. {"encoder_node": 1}
     actor_start_timeout_s: int = 600  # the pool waits for all its actors: too few slots fail here, clearly
@@ -101,6 +104,8 @@ class RayConfig:
                 f"--actors ({self.actors}), --batch-size ({self.batch_size}) and --cpus-per-actor "
                 f"({self.cpus_per_actor}) must be positive"
             )
+        if self.gpus_per_actor < 0:
+            raise ValueError(f"--gpus-per-actor must be >= 0 (0 = CPU actors), got {self.gpus_per_actor}")
 
 
 @dataclass(frozen=True)
@@ -196,6 +201,8 @@ def reembed_encoder_config(
         base = (
             EncoderConfig(**collection_manifest(data_dir, target)["encoders"]) if target else EncoderConfig()
         )
+        # The device the live collection was built on says nothing about this machine's.
+        base = replace(base, device=EncoderConfig.device)
     if encoder is not None and encoder != base.image_encoder:
         base = replace(base, image_encoder=encoder, image_encoder_args={})
     return base
@@ -275,7 +282,8 @@ class EncoderActor:
     """One Ray Data actor: both frozen towers, loaded once; rows (kind, key, item) -> raw feature rows.
 
     Photos are read by path on the actor's node, so every node must see the catalog at the same path
-    (a shared filesystem, or one machine); the driver writes the results into its embedding cache."""
+    (a shared filesystem, or one machine); the driver writes the results into its embedding cache.
+    `config` holds EncoderConfig fields, with the device map_batches_options chose for the actor."""
 
     def __init__(self, config: dict, threads: int) -> None:
         import ray
@@ -326,6 +334,31 @@ class EncoderActor:
         }
 
 
+def map_batches_options(config: RayConfig, encoder_config: EncoderConfig) -> dict[str, Any]:
+    """Keyword arguments of the `map_batches(EncoderActor, ...)` call: the pool's size and what Ray
+    reserves per actor. A GPU actor builds its towers on "cuda": Ray sets CUDA_VISIBLE_DEVICES to the
+    card it reserved, so that is the actor's GPU; a CPU actor runs them on the CPU, whatever the
+    driver's `device` is."""
+    import ray.data
+
+    device = "cuda" if config.gpus_per_actor > 0 else "cpu"
+    options: dict[str, Any] = {
+        "fn_constructor_kwargs": {
+            "config": asdict(replace(encoder_config, device=device)),
+            "threads": max(1, int(config.cpus_per_actor)),
+        },
+        "batch_size": config.batch_size,
+        "batch_format": "numpy",
+        "compute": ray.data.ActorPoolStrategy(size=config.actors),
+        "num_cpus": config.cpus_per_actor,
+        "resources": dict(config.resources) or None,
+    }
+    if config.gpus_per_actor > 0:
+        # Only when asked, so a CPU pool asks Ray for exactly what it did before GPUs were an option.
+        options["num_gpus"] = config.gpus_per_actor
+    return options
+
+
 def embed_with_ray(
     catalog: Catalog, towers: Towers, cache: EmbeddingCache, config: RayConfig, progress: bool = True
 ) -> EmbedStats:
@@ -350,16 +383,7 @@ def embed_with_ray(
         rows = [{"kind": "image", "key": h, "item": str(path)} for h, path in images]
         rows += [{"kind": "text", "key": h, "item": t} for h, t in texts]
         features = ray.data.from_items(rows).map_batches(
-            EncoderActor,
-            fn_constructor_kwargs={
-                "config": asdict(towers.config),
-                "threads": max(1, int(config.cpus_per_actor)),
-            },
-            batch_size=config.batch_size,
-            batch_format="numpy",
-            compute=ray.data.ActorPoolStrategy(size=config.actors),
-            num_cpus=config.cpus_per_actor,
-            resources=dict(config.resources) or None,
+            EncoderActor, **map_batches_options(config, towers.config)
         )
         expected = {"image": towers.image.info.id, "text": towers.text.info.id}
         nodes, actors = set(), set()
@@ -685,6 +709,7 @@ __all__ = [
     "ValidationReport",
     "collection_manifest",
     "live_manifest",
+    "map_batches_options",
     "reembed_encoder_config",
     "run_reembed",
     "swap_back",

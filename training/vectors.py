@@ -30,10 +30,18 @@ class EncoderConfig:
     text_encoder_args: dict = field(default_factory=dict)
     fused_image_weight: float = 0.4  # fused = normalize(w * image + (1 - w) * text), both unit rows
     embed_dim: int = 256  # shared space size
+    # Where this process runs both towers: cpu, cuda, cuda:N or auto (cuda when visible). In no encoder
+    # id: the same weights make the same vector space on any device.
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.fused_image_weight <= 1.0:
             raise ValueError(f"fused_image_weight must be in [0, 1], got {self.fused_image_weight}")
+        for key in ("image_encoder_args", "text_encoder_args"):
+            if "device" in getattr(self, key):
+                # The args are the towers' recipe (servers rebuild query towers from them); where a
+                # process runs them is its own business.
+                raise ValueError(f"set `device` at the top of the encoder config, not in {key}")
 
 
 @dataclass
@@ -64,8 +72,13 @@ class Towers:
 
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
-        self.image: ImageEncoder = get_image_encoder(config.image_encoder, **config.image_encoder_args)
-        self.text: TextEncoder = get_text_encoder(config.text_encoder, **config.text_encoder_args)
+        # Only a device other than the default is passed on: encoder factories registered before
+        # `device` existed (every built-in takes it) keep working on the CPU.
+        device = {} if config.device == "cpu" else {"device": config.device}
+        self.image: ImageEncoder = get_image_encoder(
+            config.image_encoder, **config.image_encoder_args, **device
+        )
+        self.text: TextEncoder = get_text_encoder(config.text_encoder, **config.text_encoder_args, **device)
 
 
 def heads_path(data_dir: Path) -> Path:
