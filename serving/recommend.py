@@ -81,6 +81,12 @@ class RecommenderConfig:
     candidates_per_item: int = 4  # diversity re-ranks this many candidates per requested item
     feed_history: int = 50  # most recent events the feed reads (the GRU's max_len caps it too)
     exclude_seen: bool = True  # the feed leaves out products already in the history window
+    # The feed re-ranks the GRU's top candidates (max(feed_pool_per_item * k, 50) of them) by
+    # z(GRU score) + content_weight * z(cosine to the history's content profile), 0 = the GRU alone.
+    # The GRU learns look and colour slowly from few events; the photos and titles of what the shopper
+    # just browsed carry them from the first event (`training/loop.py` documents what it gained).
+    content_weight: float = 1.0
+    feed_pool_per_item: int = 5
     trending_days: float = 7.0  # cold start: popular over this window, all time if it is empty
     behavior_hnsw_ef: int = 256  # see training.behavior.BEHAVIOR_HNSW_EF
     page_prior_strength: float = 5.0  # `a` of module interest: how many impressions the prior is worth
@@ -133,6 +139,12 @@ class _Pick:
     score: float
     payload: dict
     reasons: list[str] = field(default_factory=list)
+
+
+def _zscores(values: np.ndarray) -> np.ndarray:
+    """(n,) standardized to mean 0 and standard deviation 1 (all zeros when they are all equal)."""
+    spread = float(values.std())
+    return (values - values.mean()) / spread if spread > 0 else np.zeros(len(values))
 
 
 def mmr_order(relevance: np.ndarray, vectors: np.ndarray, k: int, diversity: float) -> list[int]:
@@ -523,6 +535,40 @@ class Recommender:
         order = mmr_order(np.array([h.score for h in usable]), vectors, k, diversity)
         return [usable[i] for i in order]
 
+    def _blend(
+        self,
+        space: str,
+        user_vector: np.ndarray,
+        profile: np.ndarray,
+        k: int,
+        filters: Filters,
+        exclude: set[str],
+        diversity: float,
+    ) -> list[Hit]:
+        """The GRU's top candidates re-ranked by z(GRU score) + content_weight * z(cosine of their fused
+        vector to `profile`); with diversity > 0, MMR over the blended scores. Scores are the blend."""
+        if not 0 <= diversity <= 1:
+            raise BadRequestError(f"diversity must be between 0 and 1, got {diversity}")
+        wide = min(max(k * self.config.feed_pool_per_item, 50, k * self.config.candidates_per_item), 4000)
+        pool = self.index.search(
+            space,
+            user_vector,
+            wide,
+            filters,
+            exclude_ids=tuple(exclude),
+            hnsw_ef=self.config.behavior_hnsw_ef,
+        )
+        records = {r.product_id: r for r in self.index.get([h.product_id for h in pool], with_vectors=True)}
+        usable = [h for h in pool if DIVERSITY_SPACE in records.get(h.product_id, _EMPTY).vectors]
+        if len(usable) <= 1:
+            return pool[:k]
+        vectors = np.stack([records[h.product_id].vectors[DIVERSITY_SPACE] for h in usable])  # (n, d)
+        blended = _zscores(np.array([h.score for h in usable])) + self.config.content_weight * _zscores(
+            vectors @ profile
+        )
+        order = mmr_order(blended, vectors, k, diversity) if diversity > 0 else np.argsort(-blended)[:k]
+        return [Hit(usable[i].product_id, float(blended[i]), usable[i].payload) for i in order]
+
     def _backfill(self, picks: list[_Pick], k: int, filters: Filters, exclude: set[str]) -> None:
         """Top up to k with trending products passing the filters, each labelled as filler."""
         if len(picks) >= k:
@@ -770,15 +816,19 @@ class Recommender:
             user_vector = self._user_vector(user_id, history, slot)
             if user_vector is not None:
                 version = slot.space.encoder
-                hits = self._rank(
-                    slot.space.name,
-                    user_vector,
-                    k,
-                    filters,
-                    list(exclude),
-                    diversity,
-                    self.config.behavior_hnsw_ef,
-                )
+                if self.config.content_weight > 0:
+                    profile = self._content_profile(history, records)
+                    hits = self._blend(slot.space.name, user_vector, profile, k, filters, exclude, diversity)
+                else:
+                    hits = self._rank(
+                        slot.space.name,
+                        user_vector,
+                        k,
+                        filters,
+                        list(exclude),
+                        diversity,
+                        self.config.behavior_hnsw_ef,
+                    )
                 picks = [_Pick(h.product_id, h.score, h.payload) for h in hits]
         if not picks:  # no model, or none of the history is known to it: content vectors of the history
             hits = self._rank(
