@@ -248,10 +248,12 @@ class VectorIndex(ABC):
         return [self.search(space, row, k, filters, hnsw_ef=hnsw_ef) for row in vectors]
 
     @abstractmethod
-    def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+    def get(self, product_ids: Sequence[str], with_vectors: bool | Sequence[str] = False) -> list[Record]:
         """The stored points for these ids (missing ids are left out), in the order asked.
 
-        With vectors, each record holds only the spaces the point has a vector in.
+        with_vectors: True for every space, or the names of the spaces wanted (reading one space of 50
+        points costs ~0.1 ms on the embedded index, all four ~3 ms). Each record holds only the spaces
+        the point has a vector in.
         """
 
     @abstractmethod

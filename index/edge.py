@@ -321,12 +321,13 @@ class EdgeIndex(VectorIndex):
         batch = qe.QueryBatchRequest([self._request(space, row, k, flt, hnsw_ef) for row in matrix])
         return [to_hits(points) for points in self.shard.query_batch(batch)]
 
-    def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+    def get(self, product_ids: Sequence[str], with_vectors: bool | Sequence[str] = False) -> list[Record]:
         unique = list(dict.fromkeys(product_ids))
         if not unique:
             return []
         found = {}
-        for rec in self.shard.retrieve([point_id(pid) for pid in unique], True, bool(with_vectors)):
+        selector = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
+        for rec in self.shard.retrieve([point_id(pid) for pid in unique], True, selector):
             pid, payload = hit_payload(rec.payload)
             vectors = {}
             if with_vectors and rec.vector:

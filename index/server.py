@@ -212,13 +212,14 @@ class ServerIndex(VectorIndex):
         ]
         return [to_hits(r.points) for r in self.client.query_batch_points(self.name, requests=requests)]
 
-    def get(self, product_ids: Sequence[str], with_vectors: bool = False) -> list[Record]:
+    def get(self, product_ids: Sequence[str], with_vectors: bool | Sequence[str] = False) -> list[Record]:
         unique = list(dict.fromkeys(product_ids))
         if not unique:
             return []
         found = {}
+        selector = with_vectors if isinstance(with_vectors, bool) else list(with_vectors)
         for rec in self.client.retrieve(
-            self.name, [point_id(pid) for pid in unique], with_payload=True, with_vectors=bool(with_vectors)
+            self.name, [point_id(pid) for pid in unique], with_payload=True, with_vectors=selector
         ):
             pid, payload = hit_payload(rec.payload)
             vectors = {}

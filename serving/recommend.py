@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 COVERAGE_CHECK_S = 30.0
 
 SIMILAR_MODES = (*MODES, "behavior")
+FUSED = ("fused",)  # `index.get(..., with_vectors=FUSED)`: the feed reads only these vectors
 DIVERSITY_SPACE = "fused"  # diversity is judged on look + description, what a shopper perceives as "samey"
 FEED_WEIGHTS = {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 4.0}  # content fallback only
 VERBS = {"view": "viewed", "click": "clicked", "cart": "added to your cart", "purchase": "bought"}
@@ -558,7 +559,8 @@ class Recommender:
             exclude_ids=tuple(exclude),
             hnsw_ef=self.config.behavior_hnsw_ef,
         )
-        records = {r.product_id: r for r in self.index.get([h.product_id for h in pool], with_vectors=True)}
+        wanted = [h.product_id for h in pool]
+        records = {r.product_id: r for r in self.index.get(wanted, with_vectors=(DIVERSITY_SPACE,))}
         usable = [h for h in pool if DIVERSITY_SPACE in records.get(h.product_id, _EMPTY).vectors]
         if len(usable) <= 1:
             return pool[:k]
@@ -799,7 +801,7 @@ class Recommender:
             exclude |= {e.product_id for e in history}
         searches = [e.query for e in self.events.recent(user_id, 10) if e.type == "search" and e.query]
         records = (
-            {r.product_id: r for r in self.index.get([e.product_id for e in history], with_vectors=True)}
+            {r.product_id: r for r in self.index.get([e.product_id for e in history], with_vectors=FUSED)}
             if history
             else {}
         )
@@ -903,7 +905,7 @@ class Recommender:
         if not sources:
             return
         source_vecs = np.stack([records[pid].vectors["fused"] for pid in sources])  # (h, d)
-        picked = {r.product_id: r for r in self.index.get([p.product_id for p in picks], with_vectors=True)}
+        picked = {r.product_id: r for r in self.index.get([p.product_id for p in picks], with_vectors=FUSED)}
         for pick in picks:
             vec = picked.get(pick.product_id)
             if vec is None or "fused" not in vec.vectors:

@@ -311,6 +311,13 @@ def test_get_keeps_order_and_skips_missing(index: VectorIndex) -> None:
             np.testing.assert_allclose(vec, CATALOG.vectors[space][row], atol=1e-6)
     assert index.get([CATALOG.ids[3]])[0].vectors == {}
     assert index.get([]) == []
+    # Named spaces: only those vectors, the same values, the payload as ever.
+    space = sorted(CATALOG.vectors)[0]
+    (one,) = index.get([CATALOG.ids[9]], with_vectors=[space])
+    assert list(one.vectors) == [space] and one.payload == CATALOG.payloads[CATALOG.row(CATALOG.ids[9])]
+    np.testing.assert_allclose(
+        one.vectors[space], CATALOG.vectors[space][CATALOG.row(CATALOG.ids[9])], atol=1e-6
+    )
 
 
 def test_unicode_ids_and_payloads_round_trip(index: VectorIndex) -> None:
