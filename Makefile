@@ -54,7 +54,7 @@ clean-demo:
 # The closed-loop simulator (`shopguide simulate loop`): 300 simulated shoppers use the HTTP API for 7
 # days under each strategy (popularity, none, incremental, full, hybrid), on copies of the demo's index
 # (ingested first if needed). CTR, CVR, coverage, Gini and training seconds per day and strategy go to
-# the table printed, $(LOOP_OUT) and a PNG beside it. 15-25 minutes on 2 shared cores.
+# the table printed, $(LOOP_OUT) and a PNG beside it. About 5 minutes on 2 cores (plus the ingest).
 LOOP_OUT ?= results/simulate_loop.json
 loop: install
 	$(BIN)/shopguide ingest --catalog $(CATALOG) --data-dir $(DEMO_DIR) $(if $(DEMO_LIMIT),--limit $(DEMO_LIMIT))

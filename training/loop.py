@@ -123,7 +123,7 @@ class ReactionConfig:
 
 @dataclass
 class LoopConfig:
-    """One closed-loop run; defaults take 10-15 minutes on 2 cores on a 2,000-product catalog."""
+    """One closed-loop run; defaults take about 5 minutes on 2 cores on a 2,000-product catalog."""
 
     days: int = 7  # simulated days with the strategy in charge
     shoppers: int = 300  # simulated shoppers (the same ones in every strategy)
