@@ -68,6 +68,37 @@ def _announce(
     print("stop with Ctrl-C", flush=True)
 
 
+def replica_grpc_on_loopback() -> None:
+    """Ray worker setup hook (`local_runtime_env`): Serve replicas bind their inter-deployment gRPC
+    server to 127.0.0.1 instead of every interface.
+
+    Ray Serve 2.60 binds it to "[::]:0" unconditionally (ray/serve/_private/replica.py, no setting
+    changes it); on a local-only cluster every caller is on this machine and reaches the replica at the
+    node address, 127.0.0.1, so loopback is all it needs. A Ray that no longer has the helper is left
+    alone (tests/test_bind.py would then show where it listens)."""
+    from ray.serve._private import replica
+
+    original = getattr(replica, "add_port_to_grpc_server", None)
+    if original is None or getattr(original, "shopguide_loopback", False):
+        return
+
+    def on_loopback(server, address: str) -> int:
+        return original(server, address.replace("[::]", "127.0.0.1", 1))
+
+    on_loopback.shopguide_loopback = True
+    replica.add_port_to_grpc_server = on_loopback
+
+
+def local_runtime_env() -> dict | None:
+    """The job's runtime_env on a local-only cluster (RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0): every Ray
+    worker, Serve replicas included, runs `replica_grpc_on_loopback` first. None on a multi-node cluster,
+    whose replicas must be reachable from other machines."""
+    value = os.environ.get("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    if value is not None and value.lower() not in ("true", "1"):  # as ray._common.utils.env_bool reads it
+        return {"worker_process_setup_hook": f"{__name__}.replica_grpc_on_loopback"}
+    return None
+
+
 def ray_environment() -> None:
     """Ray settings `shopguide serve` starts with (before Ray starts, so every Ray process inherits them;
     for `serve run`, export them in the shell, except RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 on a cluster
@@ -204,7 +235,12 @@ def run_server(
 
     from serving.deployments import APP_NAME, compose_app
 
-    ray.init(include_dashboard=False, logging_level="WARNING", log_to_driver=False)
+    ray.init(
+        include_dashboard=False,
+        logging_level="WARNING",
+        log_to_driver=False,
+        runtime_env=local_runtime_env(),
+    )
     _stop_on_sigterm()  # after ray.init, which installs its own SIGTERM handler (a core dump)
     try:
         serve.start(http_options={"host": host, "port": port}, logging_config={"log_level": "WARNING"})

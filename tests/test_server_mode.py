@@ -29,7 +29,13 @@ from serving.deployments import (
     qdrant_api_key,
     resolve_paths,
 )
-from serving.server import DEFAULT_CONFIG, deployment_options, recommender_options, with_explore_policy
+from serving.server import (
+    DEFAULT_CONFIG,
+    deployment_options,
+    local_runtime_env,
+    recommender_options,
+    with_explore_policy,
+)
 from tests.serving_fixtures import ingest_into_memory_qdrant, serving_data_copy, tiny_ids
 
 SECRET = "qdrant-secret-5f2c"  # a Qdrant API key that must never be printed or passed through Ray
@@ -118,6 +124,15 @@ def test_explore_policy_flag_replaces_the_configs_and_bad_specs_fail_first() -> 
     for bad in ("epsilon:2", "softmax", "logging"):  # "logging" is a target, never a serving policy
         with pytest.raises(ValueError):
             with_explore_policy(options, bad)
+
+
+def test_replica_grpc_goes_to_loopback_only_on_a_local_only_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    hook = {"worker_process_setup_hook": "serving.server.replica_grpc_on_loopback"}
+    for value, expected in (("0", hook), ("false", hook), ("1", None), ("true", None)):
+        monkeypatch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", value)
+        assert local_runtime_env() == expected, value
+    monkeypatch.delenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
+    assert local_runtime_env() is None  # Ray's Linux default: a cluster other machines may join
 
 
 # ---- the API key --------------------------------------------------------------------------------------
