@@ -23,7 +23,7 @@ from tests.conftest import make_catalog
 from training.catalog import load_catalog
 from training.features import EmbeddingCache, file_hash, text_hash
 from training.ingest import ALIAS
-from training.reembed import RayConfig, map_batches_options, product_texts, run_reembed
+from training.reembed import RayConfig, check_pool_fits, map_batches_options, product_texts, run_reembed
 from training.vectors import EncoderConfig
 
 pytestmark = pytest.mark.slow
@@ -311,3 +311,15 @@ def test_cli_reembed_passes_gpus_per_actor_and_the_config_device(tmp_path: Path,
     yaml.write_text("image_encoder_args: {device: cuda}\n")
     assert main(args) == 2
     assert "set `device` at the top of the encoder config" in capsys.readouterr().err
+
+
+def test_a_pool_the_cluster_cannot_hold_fails_at_once(ray_cluster) -> None:
+    """No GPU on the two-node test cluster: GPU actors are refused before Ray Data waits for them."""
+    import ray
+
+    resources = ray.cluster_resources()
+    check_pool_fits(RayConfig(ray_cluster.address, actors=2, cpus_per_actor=1), resources)  # fits
+    with pytest.raises(ValueError, match=r"need 2 GPU \(it has 0\)"):
+        check_pool_fits(RayConfig(ray_cluster.address, actors=2, gpus_per_actor=1), resources)
+    with pytest.raises(ValueError, match=r"need 2 encoder_node \(it has 1\)"):
+        check_pool_fits(RayConfig(ray_cluster.address, actors=2, resources={"encoder_node": 1}), resources)

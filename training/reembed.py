@@ -359,6 +359,23 @@ def map_batches_options(config: RayConfig, encoder_config: EncoderConfig) -> dic
     return options
 
 
+def check_pool_fits(config: RayConfig, cluster: dict[str, float]) -> None:
+    """Fail at once when the cluster (`ray.cluster_resources()`) lacks what the actor pool reserves:
+    otherwise Ray Data waits `actor_start_timeout_s` for actors that cannot start."""
+    need = {"CPU": config.cpus_per_actor, "GPU": config.gpus_per_actor, **config.resources}
+    short = {
+        name: (config.actors * amount, cluster.get(name, 0.0))
+        for name, amount in need.items()
+        if amount > 0 and cluster.get(name, 0.0) < config.actors * amount
+    }
+    if short:
+        detail = ", ".join(f"{need:g} {name} (it has {have:g})" for name, (need, have) in short.items())
+        raise ValueError(
+            f"the Ray cluster at {config.address} cannot hold {config.actors} encoder actors: they need "
+            f"{detail}; lower --actors, --cpus-per-actor or --gpus-per-actor, or add nodes"
+        )
+
+
 def embed_with_ray(
     catalog: Catalog, towers: Towers, cache: EmbeddingCache, config: RayConfig, progress: bool = True
 ) -> EmbedStats:
@@ -377,6 +394,7 @@ def embed_with_ray(
     if connected_here:
         ray.init(address=config.address, logging_level=logging.WARNING)
     try:
+        check_pool_fits(config, ray.cluster_resources())
         context = ray.data.DataContext.get_current()
         context.enable_progress_bars = False  # the bar below counts what reached the cache
         context.wait_for_min_actors_s = config.actor_start_timeout_s
