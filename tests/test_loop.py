@@ -48,7 +48,7 @@ from training.loop import (
 from training.registry import ModelRegistry
 from training.report import check_loop_rows
 from training.sequences import TrainConfig
-from training.simulator import START_TS, SimulatorConfig, _CatalogView, simulate_sessions
+from training.simulator import START_TS, CatalogView, SimulatorConfig, simulate_sessions
 
 TINY_MODEL = SequenceModelConfig(dim=8, hidden=16)
 TINY_TRAIN = TrainConfig(max_epochs=2)
@@ -69,8 +69,8 @@ def products(tmp_path_factory: pytest.TempPathFactory) -> list:
 
 
 @pytest.fixture(scope="module")
-def view(products) -> _CatalogView:
-    return _CatalogView(products)
+def view(products) -> CatalogView:
+    return CatalogView(products)
 
 
 # ---- the reaction model -----------------------------------------------------------------------------

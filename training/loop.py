@@ -33,14 +33,13 @@ is that type) * n eligible types), clipped at -3, from the simulator's own inten
 type with 0.8, else any eligible type), the form of its usage term. A slate mixes article types, which
 an organic session (one intent type) never does, so the click model has to say how much the shopper
 cares for each; without the term a favourite-type product is worth no more than any other, and the
-strongest taste the generative model has is invisible to clicks (`--type-interest 0` runs that model:
-popularity then beats every personalized strategy, see README). A click goes to the
-cart with 0.35 and a cart is bought with 0.5 (never when out of stock), and after a click the shopper
-opens "similar items" of it with `similar_probability` and reacts to that slate the same way. Every
-click, cart and purchase carries the request_id of the response that showed the product. The session
-then goes on organically (the simulator's `_session`: search, views and clicks of an intent type), so
-new interests keep entering the event store. All of a session's events are posted in one
-`POST /events`; sessions of a day are played in time order, one at a time.
+strongest taste the generative model has is invisible to clicks (`--type-interest 0` runs that
+model). A click goes to the cart with 0.35 and a cart is bought with 0.5 (never when out of stock), and
+after a click the shopper opens "similar items" of it with `similar_probability` and reacts to that
+slate the same way. Every click, cart and purchase carries the request_id of the response that showed
+the product. The session then goes on organically (the simulator's `organic_session`: search, views
+and clicks of an intent type), so new interests keep entering the event store. All of a session's
+events are posted in one `POST /events`; sessions of a day are played in time order, one at a time.
 
 Common random numbers: drift and organic sessions draw from a per-(shopper, day) generator and the
 reactions from another, so every strategy sees the same shoppers, days and sessions; only what they are
@@ -86,17 +85,17 @@ from training.online_metrics import coverage, exposure_gini, rate_interval
 from training.registry import ModelRegistry
 from training.sequences import TrainConfig
 from training.simulator import (
-    _EVENT_NAMESPACE,
     CART_PROBABILITY,
+    EVENT_NAMESPACE,
     EXPLORE_PROBABILITY,
     PURCHASE_PROBABILITY,
     START_TS,
+    CatalogView,
     Shopper,
-    _CatalogView,
-    _drift,
-    _make_shopper,
-    _session,
-    _utilities,
+    drift_tastes,
+    make_shopper,
+    organic_session,
+    shopper_utilities,
 )
 from training.update import STRATEGIES as UPDATE_STRATEGIES
 from training.update import holdout_histories, holdout_metrics, run_update, update_and_promote
@@ -173,10 +172,10 @@ class SimShopper:
 
 
 def _event_id(seed: int, user_id: str, counter: int) -> str:
-    return str(uuid.uuid5(_EVENT_NAMESPACE, f"{seed}:{user_id}:{counter}"))
+    return str(uuid.uuid5(EVENT_NAMESPACE, f"{seed}:{user_id}:{counter}"))
 
 
-def warm_up(view: _CatalogView, shoppers: int, days: int, seed: int) -> tuple[list[Event], list[SimShopper]]:
+def warm_up(view: CatalogView, shoppers: int, days: int, seed: int) -> tuple[list[Event], list[SimShopper]]:
     """The simulator's first `days` days (the same events as `simulate_sessions` with this catalog,
     shopper count, days and seed), and each shopper's state at the end of them."""
     events: list[Event] = []
@@ -184,17 +183,17 @@ def warm_up(view: _CatalogView, shoppers: int, days: int, seed: int) -> tuple[li
     for index in range(shoppers):
         # Draw for draw what simulate_sessions does, so the warm-up is that function's output.
         rng = np.random.default_rng([seed, index])
-        shopper = _make_shopper(view, index, rng)
+        shopper = make_shopper(view, index, rng)
         brand_affinity = rng.normal(size=len(view.brand_names))
         counter = 0
         utility = None
         for day in range(days):
             if day:
-                _drift(view, shopper, rng)
-            utility = _utilities(view, shopper, brand_affinity)
+                drift_tastes(view, shopper, rng)
+            utility = shopper_utilities(view, shopper, brand_affinity)
             for _ in range(rng.poisson(shopper.sessions_per_day)):
                 ts = START_TS + day * 86_400 + rng.uniform(0, 80_000)
-                for kind, pid, query in _session(view, shopper, utility, rng):
+                for kind, pid, query in organic_session(view, shopper, utility, rng):
                     ts += rng.exponential(20.0)
                     events.append(
                         Event(_event_id(seed, shopper.user_id, counter), shopper.user_id, pid, kind, query,
@@ -215,19 +214,19 @@ class PlannedSession:
     organic: list[tuple[str, str | None, str | None, float]]  # (type, product, query, seconds after slate)
 
 
-def plan_day(view: _CatalogView, states: list[SimShopper], day: int, seed: int) -> list[PlannedSession]:
+def plan_day(view: CatalogView, states: list[SimShopper], day: int, seed: int) -> list[PlannedSession]:
     """Drift the shoppers into simulator day `day` and draw its sessions, in start-time order. Depends
     only on (seed, shopper, day) and the shoppers' state, never on what a strategy showed them."""
     sessions = []
     for position, state in enumerate(states):
         rng = np.random.default_rng([seed, ORGANIC_STREAM, state.index, day])
-        _drift(view, state.shopper, rng)
-        state.utility = _utilities(view, state.shopper, state.brand_affinity)
+        drift_tastes(view, state.shopper, rng)
+        state.utility = shopper_utilities(view, state.shopper, state.brand_affinity)
         state.interest = type_interest(view, state.shopper)
         for _ in range(rng.poisson(state.shopper.sessions_per_day)):
             start = START_TS + day * 86_400 + rng.uniform(0, 80_000)
             offset, organic = 0.0, []
-            for kind, pid, query in _session(view, state.shopper, state.utility, rng):
+            for kind, pid, query in organic_session(view, state.shopper, state.utility, rng):
                 offset += rng.exponential(20.0)
                 organic.append((kind, pid, query, offset))
             sessions.append(PlannedSession(position, start, organic))
@@ -236,11 +235,12 @@ def plan_day(view: _CatalogView, states: list[SimShopper], day: int, seed: int) 
 
 
 # ---- reactions --------------------------------------------------------------------------------------
-def type_interest(view: _CatalogView, shopper: Shopper) -> np.ndarray:
+def type_interest(view: CatalogView, shopper: Shopper) -> np.ndarray:
     """(n_products,) log(P(a visit's intent is the product's article type) * n), clipped at -3, n the
-    shopper's eligible article types: the simulator's intent model (`_session`: a favourite type with
-    1 - EXPLORE_PROBABILITY, else a uniform eligible type) against a uniform intent. With 4 favourites
-    among n = 60 types: log(0.8 / 4 * 60 + 0.2) = +2.5 for a favourite type, log(0.2) = -1.6 otherwise."""
+    shopper's eligible article types: the simulator's intent model (`organic_session`: a favourite
+    type with 1 - EXPLORE_PROBABILITY, else a uniform eligible type) against a uniform intent. With 4
+    favourites among n = 60 types: log(0.8 / 4 * 60 + 0.2) = +2.5 for a favourite type, log(0.2) = -1.6
+    otherwise."""
     eligible = np.unique(view.article[view.eligible(shopper.gender)])
     p_intent = np.zeros(len(view.article_names))
     favourites = np.searchsorted(view.article_names, shopper.article_types)
@@ -571,7 +571,7 @@ class Base:
     folder: Path  # WORK/base (default mode) or the server's data dir (--url)
     day0: str  # the day-0 model's registry version
     behavior_encoder: str  # its behavior space id (servers without user_encoder_version report this)
-    view: _CatalogView
+    view: CatalogView
     warmup: list[Event]
     shoppers: list[SimShopper]
     day0_summary: dict
@@ -635,7 +635,7 @@ def prepare_base(
         finally:
             store.close()
     products = products_from_index(data_dir)
-    view = _CatalogView(products)
+    view = CatalogView(products)
     warmup, shoppers = warm_up(view, config.shoppers, config.warmup_days, config.seed)
     base = work_dir / "base"
     payloads = [(p.id, p.price, p.in_stock) for p in products]  # a price or stock change rebuilds the base
@@ -682,7 +682,7 @@ def prepare_remote(
     catalog = catalog or (Path(manifest["catalog"]) if manifest.get("catalog") else None)
     if catalog is None:
         raise LoopError(f"no catalog known for {data_dir}: pass --catalog (the one the server ingested)")
-    view = _CatalogView(products_over_http(client, catalog))
+    view = CatalogView(products_over_http(client, catalog))
     warmup, shoppers = warm_up(view, config.shoppers, config.warmup_days, config.seed)
     registry = ModelRegistry(data_dir / "models" / "registry")
     summary = _train_day0(registry, warmup, config, force=True, train_log=train_log)
@@ -716,7 +716,7 @@ def play_session(
     strategy: str,
     state: SimShopper,
     session: PlannedSession,
-    view: _CatalogView,
+    view: CatalogView,
     row_of: dict[str, int],
     rng: np.random.Generator,
     reaction: ReactionConfig,

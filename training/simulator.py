@@ -48,7 +48,7 @@ PURCHASE_PROBABILITY = 0.5
 TEMPERATURE = 0.7
 TYPE_DRIFT, COLOUR_DRIFT = 0.15, 0.1
 START_TS = 1_767_225_600.0  # 2026-01-01T00:00:00Z: simulated day 0
-_EVENT_NAMESPACE = uuid.UUID("0b6f8a7e-3d55-5b8e-a1c2-93f1d2e4c5a6")
+EVENT_NAMESPACE = uuid.UUID("0b6f8a7e-3d55-5b8e-a1c2-93f1d2e4c5a6")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class Shopper:
     sessions_per_day: float
 
 
-class _CatalogView:
+class CatalogView:
     """Per-product arrays the simulator scores with, as integer codes (built once, reused per shopper)."""
 
     def __init__(self, products: list[Product]) -> None:
@@ -109,7 +109,8 @@ class _CatalogView:
         return mask if mask.any() else np.ones(len(self.ids), bool)
 
 
-def _make_shopper(view: _CatalogView, index: int, rng: np.random.Generator) -> Shopper:
+def make_shopper(view: CatalogView, index: int, rng: np.random.Generator) -> Shopper:
+    """Shopper `index`'s latent tastes (gender, usage weights, colours, article types, price, activity)."""
     genders = list(GENDER_SHARES)
     gender = genders[rng.choice(len(genders), p=list(GENDER_SHARES.values()))]
     counts = np.bincount(view.article[view.eligible(gender)], minlength=len(view.article_names)).astype(float)
@@ -135,7 +136,7 @@ def _make_shopper(view: _CatalogView, index: int, rng: np.random.Generator) -> S
     )
 
 
-def _utilities(view: _CatalogView, shopper: Shopper, brand_affinity: np.ndarray) -> np.ndarray:
+def shopper_utilities(view: CatalogView, shopper: Shopper, brand_affinity: np.ndarray) -> np.ndarray:
     """Deterministic part of each product's utility for this shopper (-inf where not eligible)."""
     favourite = np.isin(view.colour_names, shopper.colours)  # (n_colours,)
     n_usages = max(1, len(shopper.usage_weights))
@@ -150,8 +151,8 @@ def _utilities(view: _CatalogView, shopper: Shopper, brand_affinity: np.ndarray)
     return np.where(view.eligible(shopper.gender), utility, -np.inf)
 
 
-def _session(
-    view: _CatalogView, shopper: Shopper, utility: np.ndarray, rng: np.random.Generator
+def organic_session(
+    view: CatalogView, shopper: Shopper, utility: np.ndarray, rng: np.random.Generator
 ) -> list[tuple[str, str | None, str | None]]:
     """One session's (type, product id, query) events."""
     if rng.random() < EXPLORE_PROBABILITY or not shopper.article_types:
@@ -185,7 +186,8 @@ def _session(
     return events
 
 
-def _drift(view: _CatalogView, shopper: Shopper, rng: np.random.Generator) -> None:
+def drift_tastes(view: CatalogView, shopper: Shopper, rng: np.random.Generator) -> None:
+    """A day's drift: maybe one favourite article type and one favourite colour replaced (in place)."""
     if rng.random() < TYPE_DRIFT and shopper.article_types:
         eligible = set(view.article_names[np.unique(view.article[view.eligible(shopper.gender)])])
         choices = sorted(eligible - set(shopper.article_types))
@@ -204,12 +206,12 @@ def simulate_sessions(
 ) -> tuple[list[Event], list[Shopper]]:
     """Events of `config.shoppers` shoppers over `config.days` days, sorted by time; and the shoppers
     (their latent tastes as of day 0). Same catalog + config -> the same events."""
-    view = _CatalogView(products)
+    view = CatalogView(products)
     events: list[Event] = []
     shoppers: list[Shopper] = []
     for index in tqdm(range(config.shoppers), desc="simulate shoppers", unit="shopper", disable=not progress):
         rng = np.random.default_rng([config.seed, index])
-        shopper = _make_shopper(view, index, rng)
+        shopper = make_shopper(view, index, rng)
         # One affinity per brand; not part of the written profile (too long to be useful there).
         brand_affinity = rng.normal(size=len(view.brand_names))
         # The written profile is day 0's: drift below changes the live shopper, not this copy.
@@ -225,13 +227,13 @@ def simulate_sessions(
         counter = 0
         for day in range(config.days):
             if day:
-                _drift(view, shopper, rng)
-            utility = _utilities(view, shopper, brand_affinity)
+                drift_tastes(view, shopper, rng)
+            utility = shopper_utilities(view, shopper, brand_affinity)
             for _ in range(rng.poisson(shopper.sessions_per_day)):
                 ts = START_TS + day * 86_400 + rng.uniform(0, 80_000)
-                for kind, pid, query in _session(view, shopper, utility, rng):
+                for kind, pid, query in organic_session(view, shopper, utility, rng):
                     ts += rng.exponential(20.0)
-                    event_id = str(uuid.uuid5(_EVENT_NAMESPACE, f"{config.seed}:{shopper.user_id}:{counter}"))
+                    event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{config.seed}:{shopper.user_id}:{counter}"))
                     counter += 1
                     events.append(Event(event_id, shopper.user_id, pid, kind, query, None, round(ts, 3)))
     events.sort(key=lambda e: (e.ts, e.event_id))
