@@ -67,6 +67,12 @@ def resolve_device(device: str = "cpu") -> torch.device:
     return torch.device("cuda", index)
 
 
+def device_kwargs(device: str) -> dict:
+    """Keyword arguments that put an encoder factory's model on `device`: none for the default cpu, so
+    factories registered before `device` existed keep working there."""
+    return {} if device == "cpu" else {"device": device}
+
+
 def pad_to_square(image: Image.Image, fill: tuple[int, int, int] = (255, 255, 255)) -> Image.Image:
     """Letterbox onto a square canvas: product photos are mostly portrait on white, and a centre
     crop would cut off shoes and bag straps that carry the article type."""

@@ -194,46 +194,18 @@ def _limit_threads() -> None:
     torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 
-class DeviceQueryTower(QueryTower):
-    """A QueryTower whose encoders, the first and each one a re-embed brings, run on `device`.
-
-    The device stays out of the tower's spec: the spec is compared with the live manifest's encoder
-    args, which name the towers, not where a replica runs them."""
-
-    def __init__(self, device: str, modality: str, name: str, args: dict, data_dir: Path | None) -> None:
-        self.device = device
-        super().__init__(modality, name, args, data_dir)
-
-    def _build(self, name: str, args: dict) -> Any:
-        # Only a device other than the default is passed on, as training.vectors.Towers does.
-        return super()._build(name, args if self.device == "cpu" else {**args, "device": self.device})
-
-
-def on_device(tower: DeviceQueryTower, config: dict) -> DeviceQueryTower:
-    """`tower`, or a new one for its current recipe on user_config's `device` (cpu, cuda, cuda:N, auto;
-    default cpu) when that is another.
-
-    Ray hands user_config to `reconfigure` only, after `__init__` built the tower on the CPU, so a GPU
-    replica loads its weights twice at start. The new tower is built before the caller swaps it in:
-    requests meanwhile go to the old one, and a device that cannot load (no CUDA visible) fails the
-    reconfigure and leaves the old one serving."""
-    device = str(config.get("device", "cpu"))
-    if device == tower.device:
-        return tower
-    name, args = tower.spec
-    return DeviceQueryTower(device, tower.modality, name, args, tower.data_dir)
-
-
 @serve.deployment(name="TextEncoder")
 class TextEncoderDeployment:
     """Raw text-encoder features for queries, batched across concurrent requests."""
 
     def __init__(self, name: str, args: dict, data_dir: str | None = None) -> None:
         _limit_threads()
-        self.encoder = DeviceQueryTower("cpu", "text", name, args, Path(data_dir) if data_dir else None)
+        self.encoder = QueryTower("text", name, args, Path(data_dir) if data_dir else None)
 
     def reconfigure(self, config: dict) -> None:
-        self.encoder = on_device(self.encoder, config)
+        # Ray hands user_config only to reconfigure, after __init__ built the tower on the CPU, so a GPU
+        # replica loads its weights twice at start.
+        self.encoder = self.encoder.on_device(str(config.get("device", "cpu")))
         self.encode.set_max_batch_size(int(config.get("max_batch_size", 16)))
         self.encode.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.002)))
 
@@ -248,10 +220,12 @@ class ImageEncoderDeployment:
 
     def __init__(self, name: str, args: dict, data_dir: str | None = None) -> None:
         _limit_threads()
-        self.encoder = DeviceQueryTower("cpu", "image", name, args, Path(data_dir) if data_dir else None)
+        self.encoder = QueryTower("image", name, args, Path(data_dir) if data_dir else None)
 
     def reconfigure(self, config: dict) -> None:
-        self.encoder = on_device(self.encoder, config)
+        # Ray hands user_config only to reconfigure, after __init__ built the tower on the CPU, so a GPU
+        # replica loads its weights twice at start.
+        self.encoder = self.encoder.on_device(str(config.get("device", "cpu")))
         self.encode.set_max_batch_size(int(config.get("max_batch_size", 8)))
         self.encode.set_batch_wait_timeout_s(float(config.get("batch_wait_timeout_s", 0.005)))
 

@@ -16,14 +16,24 @@ class QueryTower:
 
     `shopguide reembed --encoder NAME` swaps in a collection whose vectors come from another tower, then
     rewrites DATA_DIR/ingest.json; the recommender refuses features of the wrong size with a 503 until
-    this tower has caught up (checked at most every `check_every_s`, by the file's mtime)."""
+    this tower has caught up (checked at most every `check_every_s`, by the file's mtime).
+
+    `device` (cpu, cuda, cuda:N, auto) is where this process runs every tower it builds; it stays out of
+    `spec`, which is compared with the manifest's recipe."""
 
     def __init__(
-        self, modality: str, name: str, args: dict, data_dir: Path | None = None, check_every_s: float = 2.0
+        self,
+        modality: str,
+        name: str,
+        args: dict,
+        data_dir: Path | None = None,
+        check_every_s: float = 2.0,
+        device: str = "cpu",
     ) -> None:
         if modality not in ("text", "image"):
             raise ValueError(f"modality is 'text' or 'image', got {modality!r}")
         self.modality = modality
+        self.device = device
         self.data_dir = data_dir
         self.check_every_s = check_every_s
         self._lock = threading.Lock()
@@ -34,8 +44,19 @@ class QueryTower:
 
     def _build(self, name: str, args: dict) -> Any:
         from encoders import get_image_encoder, get_text_encoder
+        from encoders.base import device_kwargs
 
-        return (get_text_encoder if self.modality == "text" else get_image_encoder)(name, **args)
+        factory = get_text_encoder if self.modality == "text" else get_image_encoder
+        return factory(name, **args, **device_kwargs(self.device))
+
+    def on_device(self, device: str) -> QueryTower:
+        """This tower, or a new one for its current recipe on `device` when that is another. The new one
+        is built before the caller swaps it in (requests meanwhile use this one); a device that cannot
+        load raises and leaves this one serving."""
+        if device == self.device:
+            return self
+        name, args = self.spec
+        return QueryTower(self.modality, name, args, self.data_dir, self.check_every_s, device)
 
     def _manifest_mtime(self) -> float | None:
         try:

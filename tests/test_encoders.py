@@ -281,14 +281,14 @@ def test_alignment_heads_on_cpu_or_auto_keep_their_version(tmp_path: Path) -> No
 def test_serve_encoder_replica_moves_to_the_user_config_device() -> None:
     """The Ray Serve query encoders take `device` from user_config: a change builds a new tower (the old
     one serves meanwhile); a device that cannot load fails the reconfigure and keeps the old one."""
-    from serving.deployments import DeviceQueryTower, on_device
+    from serving.towers import QueryTower
 
-    tower = DeviceQueryTower("cpu", "text", "clip", {"model_name": "shopguide-tiny-vit"}, None)
+    tower = QueryTower("text", "clip", {"model_name": "shopguide-tiny-vit"}, None)
     assert tower.encoder.device == torch.device("cpu")
-    assert on_device(tower, {"max_batch_size": 4}) is tower  # no device key: cpu, nothing to rebuild
-    moved = on_device(tower, {"device": "auto"})
+    assert tower.on_device("cpu") is tower  # the default: nothing to rebuild
+    moved = tower.on_device("auto")
     assert moved is not tower and moved.spec == tower.spec and moved.device == "auto"
     assert moved.encoder.device == resolve_device("auto") and moved.encoder.info == tower.encoder.info
     if not CUDA:
         with pytest.raises(ValueError, match="'cuda' requested, but no CUDA device is visible"):
-            on_device(tower, {"device": "cuda"})
+            tower.on_device("cuda")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -72,12 +74,10 @@ def test_a_promoted_model_is_served_without_restart_and_without_failed_requests(
     assert first["user_encoder_version"] == "folder:sequence"
     failures: list[str] = []
     seen_versions: set[str] = set()
-    stop = threading.Event()
     counts = [0]
 
-    def load(client: TestClient) -> None:
+    def load(client: TestClient, stop: threading.Event) -> None:
         i = 0
-        # One app, one event loop: the threads share the client (its portal is thread-safe).
         while not stop.is_set():
             user = shoppers[i % len(shoppers)]
             for response in (
@@ -92,11 +92,7 @@ def test_a_promoted_model_is_served_without_restart_and_without_failed_requests(
             counts[0] += 1
             i += 1
 
-    client = TestClient(app).__enter__()
-    threads = [threading.Thread(target=load, args=(client,)) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    try:
+    with _under_load(app, load):
         promoted = []
         for seed in (1, 2, 3):
             promoted.append(_register_and_promote(registry, _variant(data_dir, tmp_path, seed)))
@@ -106,11 +102,6 @@ def test_a_promoted_model_is_served_without_restart_and_without_failed_requests(
             _wait_for_requests(counts, 3)  # let the load run on this model before the next switch
         registry.rollback()
         assert recommender.refresh()["live_model"]["to"] == promoted[-2]
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-        client.__exit__(None, None, None)
     assert failures == [], failures[:5]
     assert len(seen_versions) >= 4  # requests really ran on the first model and every promoted one
     # Left in the collection: the live model's behavior space and the one retired last (other replicas
@@ -139,11 +130,9 @@ def test_a_reembedded_collection_is_swapped_in_under_load_without_failed_or_empt
     old_collection = recommender.index.name
     failures: list[str] = []
     collections: set[str] = set()
-    stop = threading.Event()
 
-    def load(client: TestClient) -> None:
+    def load(client: TestClient, stop: threading.Event) -> None:
         i = 0
-        # One app, one event loop: the threads share the client (its portal is thread-safe).
         while not stop.is_set():
             for response in (
                 client.get(f"/users/{shoppers[i % len(shoppers)]}/feed", params={"k": 6}),
@@ -158,11 +147,7 @@ def test_a_reembedded_collection_is_swapped_in_under_load_without_failed_or_empt
                     collections.add(body["collection"])
             i += 1
 
-    client = TestClient(app).__enter__()
-    threads = [threading.Thread(target=load, args=(client,)) for _ in range(3)]
-    for thread in threads:
-        thread.start()
-    try:
+    with _under_load(app, load):
         # A separate store object, as a separate `shopguide reembed` process would have: it never opens
         # the collection the server holds. Same towers, another fusion: a new collection, no embedding.
         live_config = EncoderConfig(**recommender.manifest["encoders"])
@@ -176,16 +161,28 @@ def test_a_reembedded_collection_is_swapped_in_under_load_without_failed_or_empt
         assert changes["collection"] == {"from": old_collection, "to": summary.collection}
         for _ in range(20):  # requests keep running on the new collection for a moment
             threading.Event().wait(0.05)
-    finally:
-        stop.set()
-        for thread in threads:
-            thread.join()
-        client.__exit__(None, None, None)
     assert failures == [], failures[:5]
     assert collections == {old_collection, summary.collection}  # requests ran on both sides of the swap
     assert recommender.index.name == summary.collection and recommender.sequence is not None
     assert old_collection in recommender.store.list_collections()  # kept for `reembed --swap-back`
     recommender.close()
+
+
+@contextlib.contextmanager
+def _under_load(app, load: Callable[[TestClient, threading.Event], None], threads: int = 3) -> Iterator[None]:
+    """`load(client, stop)` in `threads` threads against the app while the block runs. One app, one
+    event loop: the threads share the client (its portal is thread-safe)."""
+    stop = threading.Event()
+    with TestClient(app) as client:
+        workers = [threading.Thread(target=load, args=(client, stop)) for _ in range(threads)]
+        for worker in workers:
+            worker.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join()
 
 
 def _wait_for_requests(counts: list[int], more: int, timeout_s: float = 60.0) -> None:

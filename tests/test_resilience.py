@@ -24,6 +24,7 @@ from serving.recommend import BadRequestError
 from serving.server import DEFAULT_CONFIG
 from tests.bench.common import start_server, stop_server, wait_ready
 from tests.serving_fixtures import serving_data_copy, tiny_ids
+from tests.soak.soak_serve import find_replica
 
 RECOMMENDER_TITLE = (
     "ServeReplica:shopguide:Recommender"  # Ray titles a replica `ray::ServeReplica:<app>:<name>`
@@ -142,13 +143,9 @@ def served(tmp_path_factory: pytest.TempPathFactory):
 
 
 def _replica(server_pid: int, title: str) -> psutil.Process:
-    for process in psutil.Process(server_pid).children(recursive=True):
-        try:
-            if title in " ".join(process.cmdline()):
-                return process
-        except psutil.NoSuchProcess:
-            pass
-    raise AssertionError(f"no {title} process under the server (pid {server_pid})")
+    process = find_replica(server_pid, title)
+    assert process is not None, f"no {title} process under the server (pid {server_pid})"
+    return process
 
 
 async def _get(session: aiohttp.ClientSession, url: str) -> tuple[int, str | None]:

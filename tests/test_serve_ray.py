@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -58,6 +59,11 @@ def _deploy(data_dir: Path, ingress_options: dict | None = None) -> None:
 
 @pytest.fixture(scope="module")
 def ray_serve(tmp_path_factory: pytest.TempPathFactory):
+    import ray._private.ray_constants as constants
+
+    # `shopguide serve`'s settings, undone afterwards: its local-only mode would refuse the two-node
+    # cluster of a test that runs later in the same process (tests/test_reembed_ray.py).
+    saved_env, saved_cluster = dict(os.environ), constants.ENABLE_RAY_CLUSTER
     ray_environment()  # what `shopguide serve` runs with
     import ray
     from ray import serve
@@ -79,6 +85,9 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory):
             http.close()
         serve.shutdown()
         ray.shutdown()
+        os.environ.clear()
+        os.environ.update(saved_env)
+        constants.ENABLE_RAY_CLUSTER = saved_cluster
 
 
 def _ok(response: httpx.Response) -> dict:

@@ -86,16 +86,15 @@ from training.registry import ModelRegistry
 from training.sequences import TrainConfig
 from training.simulator import (
     CART_PROBABILITY,
-    EVENT_NAMESPACE,
     EXPLORE_PROBABILITY,
     PURCHASE_PROBABILITY,
     START_TS,
     CatalogView,
     Shopper,
     drift_tastes,
-    make_shopper,
     organic_session,
     shopper_utilities,
+    simulate_shopper,
 )
 from training.update import STRATEGIES as UPDATE_STRATEGIES
 from training.update import holdout_histories, holdout_metrics, run_update, update_and_promote
@@ -171,36 +170,15 @@ class SimShopper:
     interest: np.ndarray | None = None  # (n_products,) today's interest in each product's article type
 
 
-def _event_id(seed: int, user_id: str, counter: int) -> str:
-    return str(uuid.uuid5(EVENT_NAMESPACE, f"{seed}:{user_id}:{counter}"))
-
-
 def warm_up(view: CatalogView, shoppers: int, days: int, seed: int) -> tuple[list[Event], list[SimShopper]]:
-    """The simulator's first `days` days (the same events as `simulate_sessions` with this catalog,
-    shopper count, days and seed), and each shopper's state at the end of them."""
+    """The simulator's first `days` days (`simulate_sessions`'s events with this catalog, shopper count,
+    days and seed), and each shopper's state at the end of them."""
     events: list[Event] = []
     states: list[SimShopper] = []
     for index in range(shoppers):
-        # Draw for draw what simulate_sessions does, so the warm-up is that function's output.
-        rng = np.random.default_rng([seed, index])
-        shopper = make_shopper(view, index, rng)
-        brand_affinity = rng.normal(size=len(view.brand_names))
-        counter = 0
-        utility = None
-        for day in range(days):
-            if day:
-                drift_tastes(view, shopper, rng)
-            utility = shopper_utilities(view, shopper, brand_affinity)
-            for _ in range(rng.poisson(shopper.sessions_per_day)):
-                ts = START_TS + day * 86_400 + rng.uniform(0, 80_000)
-                for kind, pid, query in organic_session(view, shopper, utility, rng):
-                    ts += rng.exponential(20.0)
-                    events.append(
-                        Event(_event_id(seed, shopper.user_id, counter), shopper.user_id, pid, kind, query,
-                              None, round(ts, 3))
-                    )  # fmt: skip
-                    counter += 1
-        states.append(SimShopper(index, shopper, brand_affinity, utility))
+        run = simulate_shopper(view, index, days, seed)
+        events.extend(run.events)
+        states.append(SimShopper(index, run.shopper, run.brand_affinity, run.utility))
     events.sort(key=lambda e: (e.ts, e.event_id))
     return events, states
 

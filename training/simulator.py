@@ -201,6 +201,41 @@ def drift_tastes(view: CatalogView, shopper: Shopper, rng: np.random.Generator) 
             shopper.colours[rng.integers(len(shopper.colours))] = str(choices[rng.integers(len(choices))])
 
 
+@dataclass
+class ShopperRun:
+    """One shopper simulated for some days."""
+
+    profile: Shopper  # latent tastes as of day 0 (a copy: drift changes `shopper`, not this)
+    shopper: Shopper  # the tastes after the last day's drift
+    brand_affinity: np.ndarray  # (n_brands,) one affinity per brand, never written to the profile
+    utility: np.ndarray | None  # (n_products,) the last day's deterministic utility (None: 0 days)
+    events: list[Event]  # in the order drawn
+
+
+def simulate_shopper(view: CatalogView, index: int, days: int, seed: int) -> ShopperRun:
+    """Shopper `index` over `days` days, from its own generator: the same (seed, index) gives the same
+    shopper and events whatever else is simulated."""
+    rng = np.random.default_rng([seed, index])
+    shopper = make_shopper(view, index, rng)
+    brand_affinity = rng.normal(size=len(view.brand_names))
+    profile = Shopper(
+        **{**asdict(shopper), "colours": list(shopper.colours), "article_types": list(shopper.article_types)}
+    )
+    events: list[Event] = []
+    utility = None
+    for day in range(days):
+        if day:
+            drift_tastes(view, shopper, rng)
+        utility = shopper_utilities(view, shopper, brand_affinity)
+        for _ in range(rng.poisson(shopper.sessions_per_day)):
+            ts = START_TS + day * 86_400 + rng.uniform(0, 80_000)
+            for kind, pid, query in organic_session(view, shopper, utility, rng):
+                ts += rng.exponential(20.0)
+                event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{seed}:{shopper.user_id}:{len(events)}"))
+                events.append(Event(event_id, shopper.user_id, pid, kind, query, None, round(ts, 3)))
+    return ShopperRun(profile, shopper, brand_affinity, utility, events)
+
+
 def simulate_sessions(
     products: list[Product], config: SimulatorConfig = SimulatorConfig(), progress: bool = True
 ) -> tuple[list[Event], list[Shopper]]:
@@ -210,32 +245,9 @@ def simulate_sessions(
     events: list[Event] = []
     shoppers: list[Shopper] = []
     for index in tqdm(range(config.shoppers), desc="simulate shoppers", unit="shopper", disable=not progress):
-        rng = np.random.default_rng([config.seed, index])
-        shopper = make_shopper(view, index, rng)
-        # One affinity per brand; not part of the written profile (too long to be useful there).
-        brand_affinity = rng.normal(size=len(view.brand_names))
-        # The written profile is day 0's: drift below changes the live shopper, not this copy.
-        shoppers.append(
-            Shopper(
-                **{
-                    **asdict(shopper),
-                    "colours": list(shopper.colours),
-                    "article_types": list(shopper.article_types),
-                }
-            )
-        )
-        counter = 0
-        for day in range(config.days):
-            if day:
-                drift_tastes(view, shopper, rng)
-            utility = shopper_utilities(view, shopper, brand_affinity)
-            for _ in range(rng.poisson(shopper.sessions_per_day)):
-                ts = START_TS + day * 86_400 + rng.uniform(0, 80_000)
-                for kind, pid, query in organic_session(view, shopper, utility, rng):
-                    ts += rng.exponential(20.0)
-                    event_id = str(uuid.uuid5(EVENT_NAMESPACE, f"{config.seed}:{shopper.user_id}:{counter}"))
-                    counter += 1
-                    events.append(Event(event_id, shopper.user_id, pid, kind, query, None, round(ts, 3)))
+        run = simulate_shopper(view, index, config.days, config.seed)
+        shoppers.append(run.profile)
+        events.extend(run.events)
     events.sort(key=lambda e: (e.ts, e.event_id))
     return events, shoppers
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from encoders import get_image_encoder, get_text_encoder, l2_normalize
 from encoders.alignment import AlignmentConfig, AlignmentHeads
-from encoders.base import ImageEncoder, TextEncoder
+from encoders.base import ImageEncoder, TextEncoder, device_kwargs
 from training.align import AlignTrainConfig, is_heldout, train_alignment
 from training.catalog import Catalog, Product, Skipped
 from training.evaluate import attribute_phrase
@@ -72,9 +72,7 @@ class Towers:
 
     def __init__(self, config: EncoderConfig) -> None:
         self.config = config
-        # Only a device other than the default is passed on: encoder factories registered before
-        # `device` existed (every built-in takes it) keep working on the CPU.
-        device = {} if config.device == "cpu" else {"device": config.device}
+        device = device_kwargs(config.device)
         self.image: ImageEncoder = get_image_encoder(
             config.image_encoder, **config.image_encoder_args, **device
         )
