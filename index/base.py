@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import uuid
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
@@ -21,6 +22,7 @@ PRODUCT_ID_KEY = "product_id"
 _POINT_NAMESPACE = uuid.UUID("6f1c2a0e-6b8e-5d3a-9c41-7e2f0a9b5d10")
 
 
+@functools.lru_cache(maxsize=1 << 18)  # a feed maps a few hundred ids per request; uuid5 is a SHA-1 each
 def point_id(product_id: str) -> str:
     """Deterministic Qdrant point id (UUIDv5 string) for a catalog product id."""
     return str(uuid.uuid5(_POINT_NAMESPACE, str(product_id)))

@@ -330,8 +330,9 @@ class EdgeIndex(VectorIndex):
         for rec in self.shard.retrieve([point_id(pid) for pid in unique], True, selector):
             pid, payload = hit_payload(rec.payload)
             vectors = {}
-            if with_vectors and rec.vector:
-                vectors = {name: np.asarray(vec, dtype=np.float32) for name, vec in rec.vector.items()}
+            stored = rec.vector if with_vectors else None  # each access converts the whole map again
+            if stored:
+                vectors = {name: np.asarray(vec, dtype=np.float32) for name, vec in stored.items()}
             found[pid] = Record(product_id=pid, vectors=vectors, payload=payload)
         return [found[pid] for pid in product_ids if pid in found]
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from encoders.alignment import AlignmentHeads
 from index import KEYWORD_FIELDS, Filters, Hit, IndexStore
+from serving.affinity import AFFINITY_FIELDS, AttributePrior, affinity_scores
 from serving.event_store import EventStore, Impression
 from serving.explore import ExploreSettings, explore_and_log
 from serving.live import ModelSlot, SwapGuard, ab_arm, wanted_models
@@ -38,7 +39,10 @@ COVERAGE_CHECK_S = 30.0
 SIMILAR_MODES = (*MODES, "behavior")
 FUSED = ("fused",)  # `index.get(..., with_vectors=FUSED)`: the feed reads only these vectors
 DIVERSITY_SPACE = "fused"  # diversity is judged on look + description, what a shopper perceives as "samey"
-FEED_WEIGHTS = {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 4.0}  # content fallback only
+FEED_WEIGHTS = {"view": 1.0, "click": 2.0, "cart": 4.0, "purchase": 4.0}  # content profile and affinity
+# Per-event decay of the history weights: the content profile follows the last few events (what the
+# shopper looks at now), attribute affinity a longer stretch (which types and colours they come back to).
+PROFILE_DECAY, AFFINITY_DECAY = 0.85, 0.95
 VERBS = {"view": "viewed", "click": "clicked", "cart": "added to your cart", "purchase": "bought"}
 MODE_REASON = {
     "fused": "looks and reads like",
@@ -83,11 +87,16 @@ class RecommenderConfig:
     feed_history: int = 50  # most recent events the feed reads (the GRU's max_len caps it too)
     exclude_seen: bool = True  # the feed leaves out products already in the history window
     # The feed re-ranks the GRU's top candidates (max(feed_pool_per_item * k, 50) of them) by
-    # z(GRU score) + content_weight * z(cosine to the history's content profile), 0 = the GRU alone.
-    # The GRU learns look and colour slowly from few events; the photos and titles of what the shopper
-    # just browsed carry them from the first event (`training/loop.py` documents what it gained).
+    # z(GRU score) + content_weight * z(cosine to the history's content profile)
+    # + affinity_weight * attribute affinity (serving/affinity.py: the summed log-lift of the item's
+    # values of `affinity_fields` in the history against the catalog); both weights 0 = the GRU alone.
+    # The GRU learns look, colour and type slowly from few events; the photos, titles and attributes of
+    # what the shopper browsed carry them from the first event (README: `simulate loop` has the figures).
     content_weight: float = 1.0
-    feed_pool_per_item: int = 5
+    affinity_weight: float = 2.0
+    affinity_fields: tuple[str, ...] = AFFINITY_FIELDS
+    affinity_prior_strength: float = 2.0  # pseudo-events of the catalog's own mix in each history
+    feed_pool_per_item: int = 20
     trending_days: float = 7.0  # cold start: popular over this window, all time if it is empty
     behavior_hnsw_ef: int = 256  # see training.behavior.BEHAVIOR_HNSW_EF
     page_prior_strength: float = 5.0  # `a` of module interest: how many impressions the prior is worth
@@ -119,6 +128,8 @@ class RecommenderConfig:
                 f"unknown recommender setting(s) {unknown}; known: {sorted(cls.__dataclass_fields__)}"
             )
         data["ab_versions"] = tuple(data.get("ab_versions") or ())
+        if "affinity_fields" in data:
+            data["affinity_fields"] = tuple(data["affinity_fields"] or ())
         config = cls(**data)
         if len(config.ab_versions) not in (0, 2) or len(set(config.ab_versions)) != len(config.ab_versions):
             raise ValueError(
@@ -126,6 +137,13 @@ class RecommenderConfig:
             )
         if not 0 < config.ab_split < 1:
             raise ValueError(f"ab_split is the share of shoppers in arm A, in (0, 1); got {config.ab_split}")
+        for name in ("content_weight", "affinity_weight", "affinity_prior_strength"):
+            if not getattr(config, name) >= 0:
+                raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
+        if config.affinity_prior_strength == 0 and config.affinity_weight > 0:
+            raise ValueError("affinity_prior_strength must be > 0 (0: unseen values are infinitely unlikely)")
+        if config.feed_pool_per_item < 1:
+            raise ValueError(f"feed_pool_per_item must be >= 1, got {config.feed_pool_per_item}")
         if config.model_poll_s < 0:
             raise ValueError(f"model_poll_s must be >= 0 (0 = never), got {config.model_poll_s}")
         ExploreSettings.from_config(config)  # a bad explore_* / thompson_* setting fails here, not per feed
@@ -232,7 +250,7 @@ class Recommender:
         self.refresh_error: str | None = None  # why the last refresh failed (serving goes on unchanged)
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
-        self._vocabulary = self._read_vocabulary(self.index)
+        self._vocabulary, self._prior = self._read_catalog_values(self.index)
         self.refresh(raise_errors=True)  # a broken model or registry fails at start, not later
 
     # ---- following the alias and the model registry ------------------------------------------------
@@ -274,13 +292,14 @@ class Recommender:
         from encoders.sequence import SequenceEncoder
 
         changes: dict = {}
-        index, heads, manifest, vocabulary = self.index, self.heads, self.manifest, self._vocabulary
+        index, heads, manifest = self.index, self.heads, self.manifest
+        vocabulary, prior = self._vocabulary, self._prior
         target = self.store.get_alias(ALIAS)
         if target is not None and target != self.index.name:
             index = self.store.open_collection(target)
             heads = load_heads_for(self.data_dir, index.spaces["image"].encoder)
             manifest = collection_manifest(self.data_dir, target)
-            vocabulary = self._read_vocabulary(index)
+            vocabulary, prior = self._read_catalog_values(index)
             changes["collection"] = {"from": self.index.name, "to": target}
         live, wanted = wanted_models(self._registry_root, self._sequence_folder, self.config.ab_versions)
         coverage_due = check_coverage or time.monotonic() - self._coverage_checked >= COVERAGE_CHECK_S
@@ -330,7 +349,8 @@ class Recommender:
             return {}
         old_index, previous = self.index, self._models
         with self._guard.exclusive():
-            self.index, self.heads, self.manifest, self._vocabulary = index, heads, manifest, vocabulary
+            self.index, self.heads, self.manifest = index, heads, manifest
+            self._vocabulary, self._prior = vocabulary, prior
             self.catalog_dir = Path(manifest["catalog"]) if manifest.get("catalog") else None
             self._models, self._live_model = slots, live
             self._coverage_count = count
@@ -369,13 +389,12 @@ class Recommender:
         self._watcher.start()
 
     # ---- setup -------------------------------------------------------------------------------------
-    def _read_vocabulary(self, index) -> dict[str, list[str]]:
-        values: dict[str, set[str]] = {key: set() for key in KEYWORD_FIELDS}
-        for payload in self._payloads(index):
-            for key in KEYWORD_FIELDS:
-                if payload.get(key):
-                    values[key].add(payload[key])
-        return {key: sorted(v) for key, v in values.items()}
+    def _read_catalog_values(self, index) -> tuple[dict[str, list[str]], AttributePrior]:
+        """The filterable values of each keyword field (for filter checks and the query parser) and how
+        often each attribute value occurs (attribute affinity's prior), from one scan of the payloads."""
+        prior = AttributePrior(self._payloads(index))
+        vocabulary = {key: sorted(v for v in prior.counts.get(key, {}) if v) for key in KEYWORD_FIELDS}
+        return vocabulary, prior
 
     @_serving
     def payloads(self, batch: int = 2048) -> list[dict]:
@@ -540,14 +559,16 @@ class Recommender:
         self,
         space: str,
         user_vector: np.ndarray,
-        profile: np.ndarray,
+        history: list[Event],
+        records: dict,
         k: int,
         filters: Filters,
         exclude: set[str],
         diversity: float,
     ) -> list[Hit]:
         """The GRU's top candidates re-ranked by z(GRU score) + content_weight * z(cosine of their fused
-        vector to `profile`); with diversity > 0, MMR over the blended scores. Scores are the blend."""
+        vector to the history's content profile) + affinity_weight * their attribute affinity to the
+        history; with diversity > 0, MMR over the blended scores. Scores are the blend."""
         if not 0 <= diversity <= 1:
             raise BadRequestError(f"diversity must be between 0 and 1, got {diversity}")
         wide = min(max(k * self.config.feed_pool_per_item, 50, k * self.config.candidates_per_item), 4000)
@@ -560,14 +581,20 @@ class Recommender:
             hnsw_ef=self.config.behavior_hnsw_ef,
         )
         wanted = [h.product_id for h in pool]
+        history_records = records
         records = {r.product_id: r for r in self.index.get(wanted, with_vectors=(DIVERSITY_SPACE,))}
         usable = [h for h in pool if DIVERSITY_SPACE in records.get(h.product_id, _EMPTY).vectors]
         if len(usable) <= 1:
             return pool[:k]
         vectors = np.stack([records[h.product_id].vectors[DIVERSITY_SPACE] for h in usable])  # (n, d)
-        blended = _zscores(np.array([h.score for h in usable])) + self.config.content_weight * _zscores(
-            vectors @ profile
-        )
+        blended = _zscores(np.array([h.score for h in usable]))
+        if self.config.content_weight > 0:
+            profile = self._content_profile(history, history_records)
+            blended += self.config.content_weight * _zscores(vectors @ profile)
+        if self.config.affinity_weight > 0:
+            blended += self.config.affinity_weight * self._affinity(
+                history, history_records, [h.payload for h in usable]
+            )
         order = mmr_order(blended, vectors, k, diversity) if diversity > 0 else np.argsort(-blended)[:k]
         return [Hit(usable[i].product_id, float(blended[i]), usable[i].payload) for i in order]
 
@@ -818,9 +845,10 @@ class Recommender:
             user_vector = self._user_vector(user_id, history, slot)
             if user_vector is not None:
                 version = slot.space.encoder
-                if self.config.content_weight > 0:
-                    profile = self._content_profile(history, records)
-                    hits = self._blend(slot.space.name, user_vector, profile, k, filters, exclude, diversity)
+                if self.config.content_weight > 0 or self.config.affinity_weight > 0:
+                    hits = self._blend(
+                        slot.space.name, user_vector, history, records, k, filters, exclude, diversity
+                    )
                 else:
                     hits = self._rank(
                         slot.space.name,
@@ -888,9 +916,23 @@ class Recommender:
             vec = records[event.product_id].vectors.get("fused")
             if vec is not None:
                 vectors.append(vec)
-                weights.append(FEED_WEIGHTS.get(event.type, 1.0) * 0.85**age)
+                weights.append(FEED_WEIGHTS.get(event.type, 1.0) * PROFILE_DECAY**age)
         profile = np.average(np.stack(vectors), axis=0, weights=weights)
         return (profile / np.linalg.norm(profile)).astype(np.float32)
+
+    def _affinity(self, history: list[Event], records: dict, candidates: list[dict]) -> np.ndarray:
+        """(n,) attribute affinity of the candidate payloads to the intent- and recency-weighted history."""
+        weighted = [
+            (records[event.product_id].payload, FEED_WEIGHTS.get(event.type, 1.0) * AFFINITY_DECAY**age)
+            for age, event in enumerate(reversed(history))
+        ]
+        return affinity_scores(
+            weighted,
+            candidates,
+            self._prior,
+            self.config.affinity_fields,
+            self.config.affinity_prior_strength,
+        )
 
     def _explain_feed(
         self, picks: list[_Pick], history: list[Event], records: dict, searches: list[str]
