@@ -7,6 +7,7 @@ import json
 import math
 import os
 import sys
+import tempfile
 from dataclasses import fields
 from pathlib import Path
 
@@ -66,6 +67,18 @@ def _write_json(path: Path, data: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False))
     print(f"wrote {path}")
+
+
+def _check_out_file(path: Path, example: str) -> None:
+    """Fail before a long run, not after it, when its output file cannot be written."""
+    if path.is_dir():
+        raise ValueError(f"--out {path} is a folder; give a file path, e.g. {path / example}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path.parent):
+            pass
+    except OSError as exc:
+        raise ValueError(f"cannot write --out {path}: {exc}") from None
 
 
 def _add_gate(parser: argparse.ArgumentParser) -> None:
@@ -329,6 +342,7 @@ def cmd_simulate_sessions(args: argparse.Namespace) -> int:
     from training.simulator import SimulatorConfig, simulate_sessions, summarize, write_shoppers
 
     config = SimulatorConfig(shoppers=args.shoppers, days=args.days, seed=args.seed)
+    _check_out_file(args.out, "events.jsonl")
     catalog = load_catalog(args.catalog, limit=args.limit)
     events, shoppers = simulate_sessions(catalog.products, config)
     count = write_events(events, args.out)
@@ -355,6 +369,7 @@ def cmd_simulate_loop(args: argparse.Namespace) -> int:
     )
     from training.sequences import load_config_file
 
+    _check_out_file(args.out, "simulate_loop.json")
     model_config, train_config = load_config_file(args.config)
     chosen = args.strategy or ["all"]
     strategies = tuple(s for s in STRATEGIES if s in chosen or "all" in chosen)  # always in report order

@@ -247,3 +247,44 @@ def test_cli_index_behavior_writes_the_models_vectors(ingested, tmp_path: Path, 
     histories = [[(e.product_id, e.type)] for e in events[:20] if e.product_id]
     assert index_recall_at_k(index, encoder, histories, k=5) == 1.0
     store.close()
+
+
+def test_reused_heads_get_their_versioned_copy(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """A data dir from before queries loaded heads by version holds only models/alignment.pt: an ingest
+    that reuses those heads writes alignment-<version>.pt, so the server can load what the vectors used."""
+    from types import SimpleNamespace
+
+    from encoders.alignment import AlignmentHeads
+    from serving.search import load_heads_for
+    from tests.serving_fixtures import serving_data_copy
+    from training.vectors import heads_path, load_or_train_heads, versioned_heads_path
+
+    data_dir = serving_data_copy(tmp_path_factory, "heads-reuse")
+    path = heads_path(data_dir)
+    saved = AlignmentHeads.load(path)
+    versioned_heads_path(data_dir, saved.version).unlink()
+    config = saved.config
+    towers = SimpleNamespace(
+        image=SimpleNamespace(info=SimpleNamespace(id=config.image_encoder, dim=config.image_dim)),
+        text=SimpleNamespace(info=SimpleNamespace(id=config.text_encoder, dim=config.text_dim)),
+        config=SimpleNamespace(embed_dim=config.embed_dim),
+    )
+    heads, _ = load_or_train_heads(path, towers, [], None, [], progress=False)  # reused: nothing to train
+    assert heads.version == saved.version
+    assert versioned_heads_path(data_dir, saved.version).is_file()
+    encoder = f"align[{config.image_encoder}+{config.text_encoder}]/{saved.version}"
+    assert load_heads_for(data_dir, encoder).version == saved.version
+
+
+def test_simulate_commands_refuse_an_out_they_cannot_write_before_running(tmp_path: Path, capsys) -> None:
+    folder = tmp_path / "results"
+    folder.mkdir()
+    assert main(["simulate", "loop", "--out", str(folder), "--data-dir", str(tmp_path / "none")]) == 2
+    assert "is a folder; give a file path" in capsys.readouterr().err
+    assert main(["simulate", "sessions", "--out", str(folder), "--shoppers", "1", "--days", "1"]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    assert main(["simulate", "loop", "--out", str(blocked / "x.json")]) == 2
+    assert "cannot write --out" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # nothing ran

@@ -117,6 +117,9 @@ def load_or_train_heads(
                 if path.with_suffix(".json").is_file()
                 else {}
             )
+            versioned = path.with_name(f"alignment-{heads.version}.pt")
+            if not versioned.is_file():  # heads saved before queries loaded them by version
+                heads.save(versioned, meta.get("metrics"))
             return heads, meta
         log.info("alignment heads in %s were built for %s; retraining", path, heads.config)
     train = np.array([not is_heldout(p.id) for p in products])
