@@ -36,6 +36,59 @@ class AttributePrior:
         return max(count, 1) / (self.total + 1)
 
 
+class HistoryAffinity:
+    """A shopper's attribute affinity: log(P(value | history) / P(value | catalog)) per field and value.
+
+    history: (payload, weight) of the shopper's events (recency and intent weights). P(value | history)
+    is the weighted share of the history holding the value, smoothed towards the catalog share with
+    `strength` pseudo-weight, so a short history moves scores a little and a long one a lot."""
+
+    def __init__(
+        self,
+        history: Sequence[tuple[dict, float]],
+        prior: AttributePrior,
+        fields: Sequence[str],
+        strength: float,
+    ) -> None:
+        self.prior, self.fields, self.strength = prior, tuple(fields), strength
+        self._weights: dict[str, Counter] = {}
+        for name in self.fields:
+            weights: Counter = Counter()
+            for payload, weight in history:
+                if payload.get(name) is not None:
+                    weights[payload[name]] += weight
+            if weights:  # a field no history payload has says nothing about the shopper
+                self._weights[name] = weights
+        self._totals = {name: sum(w.values()) for name, w in self._weights.items()}
+        self._lifts: dict[tuple[str, object], float] = {}  # a pool holds few distinct values per field
+
+    def lift(self, name: str, value: object) -> float:
+        """log(P(value | history) / P(value | catalog)); 0 for a field the history says nothing of."""
+        if name not in self._weights or value is None:
+            return 0.0
+        key = (name, value)
+        cached = self._lifts.get(key)
+        if cached is None:
+            share = self.prior.share(name, value)
+            seen = self._weights[name].get(value, 0.0)
+            cached = math.log((seen + self.strength * share) / (self._totals[name] + self.strength) / share)
+            self._lifts[key] = cached
+        return cached
+
+    def scores(self, candidates: Sequence[dict]) -> np.ndarray:
+        """(n,) the summed lifts of each candidate payload's values (a missing field adds 0)."""
+        out = np.zeros(len(candidates))
+        for name in self._weights:
+            for i, payload in enumerate(candidates):
+                out[i] += self.lift(name, payload.get(name))
+        return out
+
+    def shared_tastes(self, payload: dict, min_lift: float = math.log(2.0), limit: int = 2) -> list[str]:
+        """The item's values the shopper favours (at least `min_lift`), strongest first: the reason."""
+        strong = [(self.lift(n, payload.get(n)), str(payload[n])) for n in self._weights if payload.get(n)]
+        return [value for lift, value in sorted(strong, reverse=True) if lift >= min_lift][:limit]
+
+
 def affinity_scores(
     history: Sequence[tuple[dict, float]],
     candidates: Sequence[dict],
@@ -43,33 +96,5 @@ def affinity_scores(
     fields: Sequence[str],
     strength: float,
 ) -> np.ndarray:
-    """(n,) sum over `fields` of log(P(value | history) / P(value | catalog)) for each candidate payload.
-
-    history: (payload, weight) of the shopper's events (recency and intent weights). P(value | history)
-    is the weighted share of the history holding the value, smoothed towards the catalog share with
-    `strength` pseudo-weight, so a short history moves scores a little and a long one a lot. A field
-    missing from a candidate (or from every history payload) adds 0."""
-    scores = np.zeros(len(candidates))
-    if not history or not candidates:
-        return scores
-    for name in fields:
-        weights: Counter = Counter()
-        for payload, weight in history:
-            if payload.get(name) is not None:
-                weights[payload[name]] += weight
-        if not weights:
-            continue
-        total = sum(weights.values())
-        lifts: dict = {}  # value -> log-lift: a pool holds few distinct values per field
-        for i, payload in enumerate(candidates):
-            value = payload.get(name)
-            if value is None:
-                continue
-            lift = lifts.get(value)
-            if lift is None:
-                share = prior.share(name, value)
-                lift = lifts[value] = math.log(
-                    (weights.get(value, 0.0) + strength * share) / (total + strength) / share
-                )
-            scores[i] += lift
-    return scores
+    """(n,) HistoryAffinity(history, ...).scores(candidates): each candidate's summed log-lifts."""
+    return HistoryAffinity(history, prior, fields, strength).scores(candidates)

@@ -21,7 +21,7 @@ import numpy as np
 
 from encoders.alignment import AlignmentHeads
 from index import KEYWORD_FIELDS, Filters, Hit, IndexStore
-from serving.affinity import AFFINITY_FIELDS, AttributePrior, affinity_scores
+from serving.affinity import AFFINITY_FIELDS, AttributePrior, HistoryAffinity
 from serving.event_store import EventStore, Impression
 from serving.explore import ExploreSettings, explore_and_log
 from serving.live import ModelSlot, SwapGuard, ab_arm, wanted_models
@@ -51,6 +51,7 @@ MODE_REASON = {
     "behavior": "shoppers who engaged with it also engaged with",
 }
 FILLED = "filled: not enough matches"
+TASTE_REASON = "you often browse: "  # + the item's attribute values the shopper's history favours
 # A product the user encoder never saw, placed in its behavior space by its content (cold start).
 MAPPED = "new: placed by its photo and description (no shopper data yet)"
 USER_CACHE_SIZE = 100_000
@@ -561,6 +562,7 @@ class Recommender:
         user_vector: np.ndarray,
         history: list[Event],
         records: dict,
+        affinity: HistoryAffinity | None,
         k: int,
         filters: Filters,
         exclude: set[str],
@@ -591,10 +593,8 @@ class Recommender:
         if self.config.content_weight > 0:
             profile = self._content_profile(history, history_records)
             blended += self.config.content_weight * _zscores(vectors @ profile)
-        if self.config.affinity_weight > 0:
-            blended += self.config.affinity_weight * self._affinity(
-                history, history_records, [h.payload for h in usable]
-            )
+        if affinity is not None:
+            blended += self.config.affinity_weight * affinity.scores([h.payload for h in usable])
         order = mmr_order(blended, vectors, k, diversity) if diversity > 0 else np.argsort(-blended)[:k]
         return [Hit(usable[i].product_id, float(blended[i]), usable[i].payload) for i in order]
 
@@ -841,13 +841,22 @@ class Recommender:
         picks: list[_Pick] = []
         version = "content-fallback"
         arm, slot = self._model_for(user_id)
+        affinity = self._history_affinity(history, records) if self.config.affinity_weight > 0 else None
         if slot is not None:
             user_vector = self._user_vector(user_id, history, slot)
             if user_vector is not None:
                 version = slot.space.encoder
-                if self.config.content_weight > 0 or self.config.affinity_weight > 0:
+                if self.config.content_weight > 0 or affinity is not None:
                     hits = self._blend(
-                        slot.space.name, user_vector, history, records, k, filters, exclude, diversity
+                        slot.space.name,
+                        user_vector,
+                        history,
+                        records,
+                        affinity,
+                        k,
+                        filters,
+                        exclude,
+                        diversity,
                     )
                 else:
                     hits = self._rank(
@@ -866,6 +875,11 @@ class Recommender:
             )
             picks = [_Pick(h.product_id, h.score, h.payload) for h in hits]
         self._explain_feed(picks, history, records, searches)
+        if affinity is not None:
+            for pick in picks:
+                tastes = affinity.shared_tastes(pick.payload)  # values at least twice the catalog's share
+                if tastes:
+                    pick.reasons.append(TASTE_REASON + ", ".join(tastes))
         if slot is not None and version == slot.space.encoder:
             self._label_mapped(picks, slot)
         self._backfill(picks, k, filters, exclude)
@@ -920,18 +934,14 @@ class Recommender:
         profile = np.average(np.stack(vectors), axis=0, weights=weights)
         return (profile / np.linalg.norm(profile)).astype(np.float32)
 
-    def _affinity(self, history: list[Event], records: dict, candidates: list[dict]) -> np.ndarray:
-        """(n,) attribute affinity of the candidate payloads to the intent- and recency-weighted history."""
+    def _history_affinity(self, history: list[Event], records: dict) -> HistoryAffinity:
+        """The shopper's attribute affinity from the intent- and recency-weighted history."""
         weighted = [
             (records[event.product_id].payload, FEED_WEIGHTS.get(event.type, 1.0) * AFFINITY_DECAY**age)
             for age, event in enumerate(reversed(history))
         ]
-        return affinity_scores(
-            weighted,
-            candidates,
-            self._prior,
-            self.config.affinity_fields,
-            self.config.affinity_prior_strength,
+        return HistoryAffinity(
+            weighted, self._prior, self.config.affinity_fields, self.config.affinity_prior_strength
         )
 
     def _explain_feed(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.affinity import AttributePrior, affinity_scores
+from serving.affinity import AttributePrior, HistoryAffinity, affinity_scores
 from serving.deployments import AppArgs, build_recommender, resolve_paths
-from serving.recommend import RecommenderConfig
+from serving.recommend import TASTE_REASON, RecommenderConfig
 from tests.serving_fixtures import serving_data_copy, tiny_ids
 from training.events import Event
 
@@ -51,7 +51,7 @@ def pool_affinity(rec, pool) -> dict[str, float]:
     """Each pooled product's attribute affinity to the user's history, as the feed computes it."""
     history = [e for e in rec.events.history("blend-user", 50) if e.product_id]
     records = {r.product_id: r for r in rec.index.get([e.product_id for e in history])}
-    scores = rec._affinity(history, records, [h.payload for h in pool])
+    scores = rec._history_affinity(history, records).scores([h.payload for h in pool])
     return {h.product_id: float(s) for h, s in zip(pool, scores, strict=True)}
 
 
@@ -107,6 +107,20 @@ def test_affinity_ranks_the_pool_by_the_history_s_attributes(recommender) -> Non
     blended = [i["product_id"] for i in feed_with(recommender, content_weight=1.0, affinity_weight=2.0)]
     mean = lambda items: float(np.mean([affinity[p] for p in items]))  # noqa: E731
     assert mean(gru_only) <= mean(blended) <= mean(led)
+
+    # Reasons: an item sharing the history's type and colour says so; one sharing neither does not.
+    body = recommender.feed("blend-user", k=50)["items"]
+    tastes = {i["product_id"]: [r for r in i["reasons"] if r.startswith(TASTE_REASON)] for i in body}
+    red_bags_shown = [p for p in tastes if p in red_bags]
+    assert red_bags_shown and all(
+        tastes[p] and {"Red", "Handbags"} <= set(tastes[p][0][len(TASTE_REASON) :].split(", "))
+        for p in red_bags_shown
+    )
+    assert all(not tastes[p] for p in tastes if p in neither)
+    recommender.reconfigure({"affinity_weight": 0.0})
+    assert not any(
+        r.startswith(TASTE_REASON) for i in recommender.feed("blend-user", k=K)["items"] for r in i["reasons"]
+    )
     recommender.reconfigure({})
 
 
@@ -137,6 +151,10 @@ def test_affinity_scores_are_smoothed_log_lifts_over_the_catalog() -> None:
     ]
     assert np.allclose(scores, expected)
     assert scores[0] > scores[2] > 0 > scores[1]
+    affinity = HistoryAffinity(history, prior, ("articleType", "baseColour"), strength=1.0)
+    assert affinity.shared_tastes(candidates[0]) == ["Red", "Handbags"]  # Red is the rarer: the larger lift
+    assert affinity.shared_tastes(candidates[1]) == []  # values the history never holds
+    assert affinity.shared_tastes(candidates[0], limit=1) == ["Red"]
     assert affinity_scores([], candidates, prior, ("baseColour",), 1.0).tolist() == [0.0] * 4
     # A longer history of the same taste moves the scores further from the catalog's mix.
     longer = affinity_scores(history * 5, candidates, prior, ("articleType", "baseColour"), strength=1.0)
