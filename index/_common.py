@@ -254,6 +254,17 @@ def check_query(
     return check_vectors(collection, spaces, space, vectors)
 
 
+def check_spaces_known(collection: str, spaces: dict[str, VectorSpace], wanted: Sequence[str]) -> None:
+    """Vectors asked for by name must be of spaces the collection has (a typo is an error, not {})."""
+    if isinstance(wanted, str):
+        raise TypeError(f"with_vectors takes a sequence of space names, got the string {wanted!r}")
+    unknown = [name for name in wanted if name not in spaces]
+    if unknown:
+        raise SchemaMismatchError(
+            f"collection {collection!r} has no vector space {unknown[0]!r} (it has {sorted(spaces)})"
+        )
+
+
 def keyword_values(filters: Filters) -> list[tuple[str, list[str]]]:
     """The keyword filters that are set, as (field, allowed values); a bare string counts as one value."""
     out = []
@@ -272,13 +283,23 @@ def hit_payload(payload: dict | None) -> tuple[str | None, dict]:
     return payload.pop(PRODUCT_ID_KEY, None), payload
 
 
-def to_hits(points: list) -> list[Hit]:
-    """Engine result points (either library's: `.id`, `.score`, `.payload`) -> plain hits."""
+def to_hits(points: list, with_vectors: Sequence[str] = ()) -> list[Hit]:
+    """Engine result points (either library's: `.id`, `.score`, `.payload`, `.vector`) -> plain hits,
+    carrying the `with_vectors` spaces the point has."""
     hits = []
     for p in points:
         pid, payload = hit_payload(p.payload)
+        vectors = {}
+        stored = p.vector if with_vectors else None  # each access converts the whole map again
+        if isinstance(stored, dict):
+            vectors = {n: np.asarray(stored[n], dtype=np.float32) for n in with_vectors if n in stored}
         hits.append(
-            Hit(product_id=pid if pid is not None else str(p.id), score=float(p.score), payload=payload)
+            Hit(
+                product_id=pid if pid is not None else str(p.id),
+                score=float(p.score),
+                payload=payload,
+                vectors=vectors,
+            )
         )
     return hits
 

@@ -126,6 +126,7 @@ class Hit:
     product_id: str
     score: float
     payload: dict
+    vectors: dict[str, np.ndarray] = field(default_factory=dict)  # only the spaces a search asked for
 
 
 def check_vectors(
@@ -233,10 +234,12 @@ class VectorIndex(ABC):
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
         hnsw_ef: int | None = None,
+        with_vectors: Sequence[str] = (),
     ) -> list[Hit]:
         """Top-k by cosine similarity in one named space, after filters and exclusions.
 
-        `hnsw_ef` widens the HNSW beam for this query (recall for latency); None = the store default."""
+        `hnsw_ef` widens the HNSW beam for this query (recall for latency); None = the store default.
+        `with_vectors`: spaces whose vectors each hit carries (one round trip instead of a `get` after)."""
 
     def search_batch(
         self,

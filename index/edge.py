@@ -22,6 +22,7 @@ from ._common import (
     check_payload_fields,
     check_query,
     check_spaces_def,
+    check_spaces_known,
     hit_payload,
     keyword_values,
     prepare_records,
@@ -282,13 +283,20 @@ class EdgeIndex(VectorIndex):
             self.shard.update(qe.UpdateOperation.update_vectors(batch))
 
     def _request(
-        self, space: str, row: np.ndarray, k: int, flt: qe.Filter | None, hnsw_ef: int | None = None
+        self,
+        space: str,
+        row: np.ndarray,
+        k: int,
+        flt: qe.Filter | None,
+        hnsw_ef: int | None = None,
+        with_vectors: Sequence[str] = (),
     ) -> qe.QueryRequest:
         return qe.QueryRequest(
             limit=int(k),
             query=qe.Query.Nearest(row.tolist(), using=space),
             filter=flt,
             with_payload=True,
+            with_vector=list(with_vectors) if with_vectors else None,
             params=self._settings.search_params(hnsw_ef) if hnsw_ef else self._params,
         )
 
@@ -300,12 +308,14 @@ class EdgeIndex(VectorIndex):
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
         hnsw_ef: int | None = None,
+        with_vectors: Sequence[str] = (),
     ) -> list[Hit]:
         row = check_query(self.name, self.spaces, space, vector, k)  # (1, dim)
         if row.shape[0] != 1:
             raise ValueError(f"search takes one vector, got {row.shape[0]}; use search_batch")
-        request = self._request(space, row[0], k, _to_filter(filters, exclude_ids), hnsw_ef)
-        return to_hits(self.shard.query(request))
+        check_spaces_known(self.name, self.spaces, with_vectors)
+        request = self._request(space, row[0], k, _to_filter(filters, exclude_ids), hnsw_ef, with_vectors)
+        return to_hits(self.shard.query(request), with_vectors)
 
     def search_batch(
         self,

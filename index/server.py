@@ -19,6 +19,7 @@ from ._common import (
     check_payload_fields,
     check_query,
     check_spaces_def,
+    check_spaces_known,
     hit_payload,
     keyword_values,
     prepare_records,
@@ -178,10 +179,12 @@ class ServerIndex(VectorIndex):
         filters: Filters | None = None,
         exclude_ids: Sequence[str] = (),
         hnsw_ef: int | None = None,
+        with_vectors: Sequence[str] = (),
     ) -> list[Hit]:
         row = check_query(self.name, self.spaces, space, vector, k)  # (1, dim)
         if row.shape[0] != 1:
             raise ValueError(f"search takes one vector, got {row.shape[0]}; use search_batch")
+        check_spaces_known(self.name, self.spaces, with_vectors)
         response = self.client.query_points(
             self.name,
             query=row[0].tolist(),
@@ -189,9 +192,10 @@ class ServerIndex(VectorIndex):
             limit=int(k),
             query_filter=_to_filter(filters, exclude_ids),
             with_payload=True,
+            with_vectors=list(with_vectors) if with_vectors else False,
             search_params=_search_params(hnsw_ef),
         )
-        return to_hits(response.points)
+        return to_hits(response.points, with_vectors)
 
     def search_batch(
         self,

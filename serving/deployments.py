@@ -237,10 +237,10 @@ class ImageEncoderDeployment:
 class RayBackend:
     """The api.Backend over deployment handles; rides out a replica's death while Ray restarts it."""
 
-    # How long one request waits for a dead replica's successor. Ray notices the death within the
-    # deployment's health_check_period_s (default 10 s) and then starts a new process, which opens the
-    # index: 3-20 s on the full catalog on 2 cores (`make soak`). Past this the caller gets a 503
-    # with Retry-After, never a 500.
+    # How long one request waits for a dead replica's successor. Ray notices the death at the
+    # deployment's next health check (health_check_period_s: 1 s in our configs, Ray's default 10 s)
+    # and then starts a new process, which imports the stack and opens the index (`make soak` has the
+    # figures). Past this the caller gets a 503 with Retry-After, never a 500.
     RETRY_DEADLINE_S = 15.0
     RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5)  # then every 0.5 s: a restart takes seconds, not ms
     _last_warned = 0.0  # monotonic time of the last "replica gone" warning (one per 5 s, not per request)

@@ -581,17 +581,15 @@ class Recommender:
             filters,
             exclude_ids=tuple(exclude),
             hnsw_ef=self.config.behavior_hnsw_ef,
+            with_vectors=(DIVERSITY_SPACE,),  # with the hits: a second read of 200 points cost ~3 ms
         )
-        wanted = [h.product_id for h in pool]
-        history_records = records
-        records = {r.product_id: r for r in self.index.get(wanted, with_vectors=(DIVERSITY_SPACE,))}
-        usable = [h for h in pool if DIVERSITY_SPACE in records.get(h.product_id, _EMPTY).vectors]
+        usable = [h for h in pool if DIVERSITY_SPACE in h.vectors]
         if len(usable) <= 1:
             return pool[:k]
-        vectors = np.stack([records[h.product_id].vectors[DIVERSITY_SPACE] for h in usable])  # (n, d)
+        vectors = np.stack([h.vectors[DIVERSITY_SPACE] for h in usable])  # (n, d)
         blended = _zscores(np.array([h.score for h in usable]))
         if self.config.content_weight > 0:
-            profile = self._content_profile(history, history_records)
+            profile = self._content_profile(history, records)
             blended += self.config.content_weight * _zscores(vectors @ profile)
         if affinity is not None:
             blended += self.config.affinity_weight * affinity.scores([h.payload for h in usable])

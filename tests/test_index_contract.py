@@ -152,6 +152,25 @@ def test_point_finds_itself_first(index: VectorIndex) -> None:
         assert hits[0].payload == CATALOG.payloads[row]
 
 
+def test_search_returns_the_vectors_asked_for(index: VectorIndex) -> None:
+    query = CATALOG.vectors["image"][3]
+    plain = index.search("image", query, k=8)
+    assert all(h.vectors == {} for h in plain)  # none unless asked: converting them costs time
+    hits = index.search("image", query, k=8, filters=Filters(gender=("Women",)), with_vectors=("text",))
+    stored = {r.product_id: r for r in index.get([h.product_id for h in hits], with_vectors=True)}
+    assert hits and all(set(h.vectors) == {"text"} for h in hits)
+    for hit in hits:
+        assert hit.vectors["text"].dtype == np.float32
+        np.testing.assert_allclose(hit.vectors["text"], stored[hit.product_id].vectors["text"], atol=1e-6)
+    assert [h.product_id for h in hits] == [
+        h.product_id for h in index.search("image", query, k=8, filters=Filters(gender=("Women",)))
+    ]
+    with pytest.raises(SchemaMismatchError, match=r"no vector space 'fused'"):
+        index.search("image", query, with_vectors=("fused",))
+    with pytest.raises(TypeError, match="sequence of space names"):
+        index.search("image", query, with_vectors="text")
+
+
 FILTER_CASES = {
     "gender": Filters(gender=("Women",)),
     "masterCategory": Filters(masterCategory=("Footwear", "Accessories")),

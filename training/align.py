@@ -9,7 +9,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F  # noqa: N812 - the PyTorch convention
-from open_clip.loss import ClipLoss
 from tqdm import tqdm
 
 from encoders.alignment import AlignmentConfig, AlignmentHeads
@@ -86,6 +85,8 @@ def train_alignment(
     sched = torch.optim.lr_scheduler.OneCycleLR(
         optim, max_lr=train_config.lr, total_steps=train_config.epochs * steps_per_epoch, pct_start=0.1
     )
+    from open_clip.loss import ClipLoss  # here, not at import: open_clip costs seconds to import
+
     loss_fn = ClipLoss()
     best, best_state, best_epoch, bad_epochs = -1.0, None, 0, 0
     start = time.perf_counter()
