@@ -108,3 +108,27 @@ def test_products_the_model_never_saw_get_mapped_vectors(tmp_path: Path) -> None
     plain = upsert_behavior_vectors(index, encoder)
     assert plain.mapped == 0 and len(plain.covered) == 150
     store.close()
+
+
+def test_a_refresh_writes_only_vectors_that_are_missing_or_changed(index_and_encoder, monkeypatch) -> None:
+    """A server restart refreshes the live model: rewriting every stored vector left the engine
+    re-indexing while requests waited, so unchanged vectors are not written again."""
+    index, encoder = index_and_encoder
+    first = upsert_behavior_vectors(index, encoder, map_content=True)
+    written: list[str] = []
+    original = index.update_vectors
+
+    def counting(vectors: dict) -> None:
+        written.extend(vectors)
+        original(vectors)
+
+    monkeypatch.setattr(index, "update_vectors", counting)
+    again = upsert_behavior_vectors(index, encoder, map_content=True)
+    assert written == [] and again.covered == first.covered  # nothing changed: nothing written
+    space = first.space.name
+    dim = index.spaces[space].dim
+    original({"p5": {space: np.eye(dim, dtype=np.float32)[0]}})  # one vector tampered with
+    index.upsert([Record("p-new", {"fused": np.eye(8, dtype=np.float32)[1]})])  # one product added
+    upsert_behavior_vectors(index, encoder, map_content=True)
+    assert sorted(written) == ["p-new", "p5"]  # the changed one and the new (mapped) one, nothing else
+    assert index_recall_at_k(index, encoder, [[("p3", "view"), ("p5", "click")]], k=10) == 1.0

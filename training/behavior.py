@@ -106,8 +106,7 @@ def upsert_behavior_vectors(
     rows = [(pid, vectors[i]) for i, pid in enumerate(encoder.item_ids) if pid in known]
     if only is not None:
         rows = [(pid, row) for pid, row in rows if pid in only]
-    for start in range(0, len(rows), batch):
-        index.update_vectors({pid: {space.name: row} for pid, row in rows[start : start + batch]})
+    _write_changed(index, space.name, rows, batch)
     covered = set(known)
     mapped = 0
     if map_content and "fused" in index.spaces:
@@ -115,17 +114,46 @@ def upsert_behavior_vectors(
         if unseen:
             mapping = _fit_mapping(index, encoder, known)
             for start in range(0, len(unseen), batch):
-                records = index.get(unseen[start : start + batch], with_vectors=True)
+                records = index.get(unseen[start : start + batch], with_vectors=("fused",))
                 records = [r for r in records if "fused" in r.vectors]
                 if not records:
                     continue
                 out = mapping(np.stack([r.vectors["fused"] for r in records]))
-                index.update_vectors(
-                    {r.product_id: {space.name: row} for r, row in zip(records, out, strict=True)}
-                )
+                pairs = [(r.product_id, row) for r, row in zip(records, out, strict=True)]
+                _write_changed(index, space.name, pairs, batch)
                 covered |= {r.product_id for r in records}
                 mapped += len(records)
     return BehaviorUpsert(len(rows), len(encoder.item_ids) - len(known), space, mapped, frozenset(covered))
+
+
+def _write_changed(index: VectorIndex, space: str, rows: list[tuple[str, np.ndarray]], batch: int) -> int:
+    """Write the rows whose stored vector in `space` is missing or differs; returns how many.
+
+    A server restart calls this for a model whose vectors are already stored: rewriting all of them
+    left the engine with unindexed copies to re-index while requests waited (make soak: a restarted
+    Recommender kept shedding load for 20 s after it came back)."""
+    written = 0
+    for start in range(0, len(rows), batch):
+        chunk = rows[start : start + batch]
+        stored = {
+            r.product_id: r.vectors.get(space)
+            for r in index.get([pid for pid, _ in chunk], with_vectors=(space,))
+        }
+        changed = {
+            pid: {space: row}
+            for pid, row in chunk
+            if stored.get(pid) is None or not np.allclose(_unit(stored[pid]), _unit(row), atol=1e-5)
+        }
+        if changed:
+            index.update_vectors(changed)
+            written += len(changed)
+    return written
+
+
+def _unit(vector: np.ndarray) -> np.ndarray:
+    """The engine stores cosine vectors normalized: compare like with like."""
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else vector
 
 
 def _fit_mapping(index: VectorIndex, encoder: SequenceEncoder, known: set[str]) -> ContentMapping:
