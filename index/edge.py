@@ -331,6 +331,20 @@ class EdgeIndex(VectorIndex):
         batch = qe.QueryBatchRequest([self._request(space, row, k, flt, hnsw_ef) for row in matrix])
         return [to_hits(points) for points in self.shard.query_batch(batch)]
 
+    def similarity(self, space: str, vector: np.ndarray, product_ids: Sequence[str]) -> dict[str, float]:
+        row = check_query(self.name, self.spaces, space, vector, 1)[0]
+        ids = {point_id(pid): pid for pid in product_ids}
+        if not ids:
+            return {}
+        request = qe.QueryRequest(
+            limit=len(ids),
+            query=qe.Query.Nearest(row.tolist(), using=space),
+            filter=qe.Filter(must=[qe.HasIdCondition(point_ids=set(ids))]),
+            with_payload=False,
+            params=qe.SearchParams(exact=True),  # every listed point, not an HNSW approximation
+        )
+        return {ids[str(p.id)]: float(p.score) for p in self.shard.query(request)}
+
     def get(self, product_ids: Sequence[str], with_vectors: bool | Sequence[str] = False) -> list[Record]:
         unique = list(dict.fromkeys(product_ids))
         if not unique:

@@ -216,6 +216,22 @@ class ServerIndex(VectorIndex):
         ]
         return [to_hits(r.points) for r in self.client.query_batch_points(self.name, requests=requests)]
 
+    def similarity(self, space: str, vector: np.ndarray, product_ids: Sequence[str]) -> dict[str, float]:
+        row = check_query(self.name, self.spaces, space, vector, 1)[0]
+        ids = {point_id(pid): pid for pid in product_ids}
+        if not ids:
+            return {}
+        response = self.client.query_points(
+            self.name,
+            query=row.tolist(),
+            using=space,
+            limit=len(ids),
+            query_filter=models.Filter(must=[models.HasIdCondition(has_id=list(ids))]),
+            with_payload=False,
+            search_params=models.SearchParams(exact=True),  # every listed point, not an approximation
+        )
+        return {ids[str(p.id)]: float(p.score) for p in response.points}
+
     def get(self, product_ids: Sequence[str], with_vectors: bool | Sequence[str] = False) -> list[Record]:
         unique = list(dict.fromkeys(product_ids))
         if not unique:

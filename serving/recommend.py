@@ -574,6 +574,8 @@ class Recommender:
         if not 0 <= diversity <= 1:
             raise BadRequestError(f"diversity must be between 0 and 1, got {diversity}")
         wide = min(max(k * self.config.feed_pool_per_item, 50, k * self.config.candidates_per_item), 4000)
+        # MMR needs the candidates' vectors; the blend alone needs only their cosines to the profile,
+        # which the engine computes (0.2 ms for 200, against ~3 ms to read and convert the vectors).
         pool = self.index.search(
             space,
             user_vector,
@@ -581,16 +583,22 @@ class Recommender:
             filters,
             exclude_ids=tuple(exclude),
             hnsw_ef=self.config.behavior_hnsw_ef,
-            with_vectors=(DIVERSITY_SPACE,),  # with the hits: a second read of 200 points cost ~3 ms
+            with_vectors=(DIVERSITY_SPACE,) if diversity > 0 else (),
         )
-        usable = [h for h in pool if DIVERSITY_SPACE in h.vectors]
+        profile = self._content_profile(history, records)
+        if diversity > 0:
+            usable = [h for h in pool if DIVERSITY_SPACE in h.vectors]
+            vectors = np.stack([h.vectors[DIVERSITY_SPACE] for h in usable]) if usable else None  # (n, d)
+            cosines = vectors @ profile if usable else np.zeros(0)
+        else:
+            similarity = self.index.similarity(DIVERSITY_SPACE, profile, [h.product_id for h in pool])
+            usable = [h for h in pool if h.product_id in similarity]
+            cosines = np.array([similarity[h.product_id] for h in usable])
         if len(usable) <= 1:
             return pool[:k]
-        vectors = np.stack([h.vectors[DIVERSITY_SPACE] for h in usable])  # (n, d)
         blended = _zscores(np.array([h.score for h in usable]))
         if self.config.content_weight > 0:
-            profile = self._content_profile(history, records)
-            blended += self.config.content_weight * _zscores(vectors @ profile)
+            blended += self.config.content_weight * _zscores(cosines)
         if affinity is not None:
             blended += self.config.affinity_weight * affinity.scores([h.payload for h in usable])
         order = mmr_order(blended, vectors, k, diversity) if diversity > 0 else np.argsort(-blended)[:k]

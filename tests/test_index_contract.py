@@ -171,6 +171,21 @@ def test_search_returns_the_vectors_asked_for(index: VectorIndex) -> None:
         index.search("image", query, with_vectors="text")
 
 
+def test_similarity_scores_listed_products_like_an_exact_search(index: VectorIndex) -> None:
+    query = CATALOG.vectors["text"][11]
+    listed = [CATALOG.ids[i] for i in (0, 5, 11, 42, 199)] + ["no-such-product"]
+    scores = index.similarity("text", query, listed)
+    assert set(scores) == set(listed[:-1])  # an unknown product is left out, not an error
+    for pid, score in scores.items():
+        row = CATALOG.ids.index(pid)
+        expected = float(CATALOG.vectors["text"][row] @ query / np.linalg.norm(query))
+        assert score == pytest.approx(expected, abs=1e-5)
+    assert scores[CATALOG.ids[11]] == pytest.approx(1.0, abs=1e-5)
+    assert index.similarity("text", query, []) == {}
+    with pytest.raises(SchemaMismatchError, match=r"no vector space 'fused'"):
+        index.similarity("fused", query, listed)
+
+
 FILTER_CASES = {
     "gender": Filters(gender=("Women",)),
     "masterCategory": Filters(masterCategory=("Footwear", "Accessories")),
