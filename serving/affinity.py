@@ -50,9 +50,9 @@ class HistoryAffinity:
         fields: Sequence[str],
         strength: float,
     ) -> None:
-        self.prior, self.fields, self.strength = prior, tuple(fields), strength
+        self.prior, self.strength = prior, strength
         self._weights: dict[str, Counter] = {}
-        for name in self.fields:
+        for name in fields:
             weights: Counter = Counter()
             for payload, weight in history:
                 if payload.get(name) is not None:
@@ -60,26 +60,20 @@ class HistoryAffinity:
             if weights:  # a field no history payload has says nothing about the shopper
                 self._weights[name] = weights
         self._totals = {name: sum(w.values()) for name, w in self._weights.items()}
-        self._lifts: dict[tuple[str, object], float] = {}  # a pool holds few distinct values per field
 
     def lift(self, name: str, value: object) -> float:
         """log(P(value | history) / P(value | catalog)); 0 for a field the history says nothing of."""
         if name not in self._weights or value is None:
             return 0.0
-        key = (name, value)
-        cached = self._lifts.get(key)
-        if cached is None:
-            share = self.prior.share(name, value)
-            seen = self._weights[name].get(value, 0.0)
-            cached = math.log((seen + self.strength * share) / (self._totals[name] + self.strength) / share)
-            self._lifts[key] = cached
-        return cached
+        share = self.prior.share(name, value)
+        seen = self._weights[name].get(value, 0.0)
+        return math.log((seen + self.strength * share) / (self._totals[name] + self.strength) / share)
 
     def scores(self, candidates: Sequence[dict]) -> np.ndarray:
         """(n,) the summed lifts of each candidate payload's values (a missing field adds 0)."""
         out = np.zeros(len(candidates))
         for name in self._weights:
-            lifts: dict = {}  # value -> lift, local: a feed scores 200 candidates x 7 fields
+            lifts: dict = {}  # value -> lift: 200 candidates hold few distinct values per field
             column = []
             for payload in candidates:
                 value = payload.get(name)
@@ -94,14 +88,3 @@ class HistoryAffinity:
         """The item's values the shopper favours (at least `min_lift`), strongest first: the reason."""
         strong = [(self.lift(n, payload.get(n)), str(payload[n])) for n in self._weights if payload.get(n)]
         return [value for lift, value in sorted(strong, reverse=True) if lift >= min_lift][:limit]
-
-
-def affinity_scores(
-    history: Sequence[tuple[dict, float]],
-    candidates: Sequence[dict],
-    prior: AttributePrior,
-    fields: Sequence[str],
-    strength: float,
-) -> np.ndarray:
-    """(n,) HistoryAffinity(history, ...).scores(candidates): each candidate's summed log-lifts."""
-    return HistoryAffinity(history, prior, fields, strength).scores(candidates)

@@ -142,7 +142,9 @@ class RecommenderConfig:
             if not getattr(config, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(config, name)}")
         if config.affinity_prior_strength == 0 and config.affinity_weight > 0:
-            raise ValueError("affinity_prior_strength must be > 0 (0: unseen values are infinitely unlikely)")
+            raise ValueError("affinity_prior_strength must be > 0 while affinity_weight > 0")
+        if not all(isinstance(f, str) and f for f in config.affinity_fields):
+            raise ValueError(f"affinity_fields takes payload field names, got {list(config.affinity_fields)}")
         if config.feed_pool_per_item < 1:
             raise ValueError(f"feed_pool_per_item must be >= 1, got {config.feed_pool_per_item}")
         if config.model_poll_s < 0:
@@ -252,6 +254,7 @@ class Recommender:
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._vocabulary, self._prior = self._read_catalog_values(self.index)
+        self._check_affinity_fields(self.config)
         self.refresh(raise_errors=True)  # a broken model or registry fails at start, not later
 
     # ---- following the alias and the model registry ------------------------------------------------
@@ -397,6 +400,16 @@ class Recommender:
         vocabulary = {key: sorted(v for v in prior.counts.get(key, {}) if v) for key in KEYWORD_FIELDS}
         return vocabulary, prior
 
+    def _check_affinity_fields(self, config: RecommenderConfig) -> None:
+        """A configured field the catalog does not have is a typo, not a taste: refuse it. The default
+        fields are the fashion catalog's; another catalog may lack some, which then add nothing."""
+        missing = [f for f in config.affinity_fields if f not in self._prior.counts]
+        if missing and config.affinity_fields != AFFINITY_FIELDS:
+            raise ValueError(
+                f"affinity_fields {missing} are not attributes of this catalog; "
+                f"it has {sorted(self._prior.counts)}"
+            )
+
     @_serving
     def payloads(self, batch: int = 2048) -> list[dict]:
         return self._payloads(self.index, batch)
@@ -420,6 +433,7 @@ class Recommender:
         """New live settings; new A/B arms are loaded before this returns (an unknown version is an
         error and the previous settings stay)."""
         new = RecommenderConfig.from_dict(config)
+        self._check_affinity_fields(new)
         old, self.config = self.config, new
         if new.ab_versions != old.ab_versions or new.map_new_products != old.map_new_products:
             try:
@@ -586,14 +600,18 @@ class Recommender:
             with_vectors=(DIVERSITY_SPACE,) if diversity > 0 else (),
         )
         profile = self._content_profile(history, records)
+        vectors = None
         if diversity > 0:
             usable = [h for h in pool if DIVERSITY_SPACE in h.vectors]
-            vectors = np.stack([h.vectors[DIVERSITY_SPACE] for h in usable]) if usable else None  # (n, d)
-            cosines = vectors @ profile if usable else np.zeros(0)
-        else:
+            if usable:
+                vectors = np.stack([h.vectors[DIVERSITY_SPACE] for h in usable])  # (n, d)
+                cosines = vectors @ profile
+        elif self.config.content_weight > 0:
             similarity = self.index.similarity(DIVERSITY_SPACE, profile, [h.product_id for h in pool])
             usable = [h for h in pool if h.product_id in similarity]
             cosines = np.array([similarity[h.product_id] for h in usable])
+        else:
+            usable = pool  # affinity alone reads only payloads
         if len(usable) <= 1:
             return pool[:k]
         blended = _zscores(np.array([h.score for h in usable]))

@@ -213,27 +213,35 @@ def _same_rows(after: np.ndarray, before: np.ndarray, device: torch.device) -> N
     np.testing.assert_allclose(after, before, atol=1e-5 if device.type == "cpu" else 5e-3)
 
 
+def _device_keeps_vectors_and_id(build, encode) -> None:
+    """`build(**device)` on no device, "cpu" and "auto": the same id and (to float tolerance) vectors."""
+    import encoders.clip
+
+    default = build()
+    before = encode(default)
+    for device in ("cpu", "auto"):
+        encoders.clip._LOADED.clear()  # each device builds its own seeded CLIP
+        encoder = build(device=device)
+        assert encoder.device == resolve_device(device)
+        assert encoder.info == default.info  # the index's encoder id never depends on the device
+        after = encode(encoder)
+        assert after.dtype == np.float32
+        _same_rows(after, before, encoder.device)
+
+
 @pytest.mark.parametrize(("name", "kwargs"), IMAGE_CASES)
 def test_image_encoders_on_cpu_or_auto_keep_their_vectors_and_id(
     name: str, kwargs: dict, photos, monkeypatch
 ) -> None:
     import encoders.clip
 
-    monkeypatch.setattr(encoders.clip, "_LOADED", {})  # each device builds its own seeded CLIP
+    monkeypatch.setattr(encoders.clip, "_LOADED", {})
 
     def build(**device: str):
         torch.manual_seed(0)  # tv_resnet18 and the tiny CLIP are random-init: one seed, one set of weights
         return get_image_encoder(name, **kwargs, **device)
 
-    default = build()
-    before = default.encode_images(photos)
-    for device in ("cpu", "auto"):
-        encoder = build(device=device)
-        assert encoder.device == resolve_device(device)
-        assert encoder.info == default.info  # the index's encoder id never depends on the device
-        after = encoder.encode_images(photos)
-        assert after.dtype == np.float32
-        _same_rows(after, before, encoder.device)
+    _device_keeps_vectors_and_id(build, lambda encoder: encoder.encode_images(photos))
 
 
 @pytest.mark.parametrize(
@@ -243,21 +251,14 @@ def test_text_encoders_on_cpu_or_auto_keep_their_vectors_and_id(name: str, kwarg
     import encoders.clip
 
     monkeypatch.setattr(encoders.clip, "_LOADED", {})
-    texts = ["red women's handbag", "blue men's watch"]
 
     def build(**device: str):
         torch.manual_seed(0)
         return get_text_encoder(name, **kwargs, **device)
 
-    default = build()
-    before = default.encode_texts(texts)
-    for device in ("cpu", "auto"):
-        encoder = build(device=device)
-        assert encoder.device == resolve_device(device)
-        assert encoder.info == default.info
-        after = encoder.encode_texts(texts)
-        assert after.dtype == np.float32
-        _same_rows(after, before, encoder.device)
+    _device_keeps_vectors_and_id(
+        build, lambda encoder: encoder.encode_texts(["red women's handbag", "blue men's watch"])
+    )
 
 
 def test_alignment_heads_on_cpu_or_auto_keep_their_version(tmp_path: Path) -> None:

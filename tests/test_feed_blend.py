@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.affinity import AttributePrior, HistoryAffinity, affinity_scores
+from serving.affinity import AttributePrior, HistoryAffinity
 from serving.deployments import AppArgs, build_recommender, resolve_paths
 from serving.recommend import TASTE_REASON, RecommenderConfig
 from tests.serving_fixtures import serving_data_copy, tiny_ids
@@ -137,7 +137,7 @@ def test_affinity_scores_are_smoothed_log_lifts_over_the_catalog() -> None:
         {"articleType": "Handbags"},  # no colour: that field adds nothing
         {"articleType": "Shoes", "baseColour": "Red"},  # a type the catalog read never saw: finite
     ]
-    scores = affinity_scores(history, candidates, prior, ("articleType", "baseColour"), strength=1.0)
+    scores = HistoryAffinity(history, prior, ("articleType", "baseColour"), strength=1.0).scores(candidates)
 
     def lift(count: float, share: float) -> float:  # (history weight + strength * share) / (3 + 1) / share
         return float(np.log((count + share) / 4.0 / share))
@@ -155,9 +155,9 @@ def test_affinity_scores_are_smoothed_log_lifts_over_the_catalog() -> None:
     assert affinity.shared_tastes(candidates[0]) == ["Red", "Handbags"]  # Red is the rarer: the larger lift
     assert affinity.shared_tastes(candidates[1]) == []  # values the history never holds
     assert affinity.shared_tastes(candidates[0], limit=1) == ["Red"]
-    assert affinity_scores([], candidates, prior, ("baseColour",), 1.0).tolist() == [0.0] * 4
+    assert HistoryAffinity([], prior, ("baseColour",), 1.0).scores(candidates).tolist() == [0.0] * 4
     # A longer history of the same taste moves the scores further from the catalog's mix.
-    longer = affinity_scores(history * 5, candidates, prior, ("articleType", "baseColour"), strength=1.0)
+    longer = HistoryAffinity(history * 5, prior, ("articleType", "baseColour"), 1.0).scores(candidates)
     assert longer[0] > scores[0] and longer[1] < scores[1]
 
 
@@ -173,6 +173,18 @@ def test_affinity_scores_are_smoothed_log_lifts_over_the_catalog() -> None:
 def test_bad_blend_settings_are_refused(setting: dict) -> None:
     with pytest.raises(ValueError, match=next(iter(setting))):
         RecommenderConfig.from_dict(setting)
+
+
+def test_affinity_fields_the_catalog_lacks_are_refused(recommender) -> None:
+    before = recommender.config
+    with pytest.raises(ValueError, match=r"\['colour'\] are not attributes of this catalog.*baseColour"):
+        recommender.reconfigure({"affinity_fields": ["articleType", "colour"]})
+    assert recommender.config is before  # the previous settings stay
+    recommender.reconfigure({"affinity_fields": ["articleType"]})
+    assert recommender.config.affinity_fields == ("articleType",)
+    recommender.reconfigure({})
+    with pytest.raises(ValueError, match="affinity_fields takes payload field names"):
+        RecommenderConfig.from_dict({"affinity_fields": ["articleType", 3]})
 
 
 def test_affinity_fields_from_yaml_become_a_tuple() -> None:

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from encoders.base import l2_normalize
 from encoders.sequence import HistoryEvent, SequenceEncoder
 from index import EdgeSettings, EdgeStore, Record, VectorIndex, VectorSpace
 
@@ -126,13 +127,13 @@ def upsert_behavior_vectors(
     return BehaviorUpsert(len(rows), len(encoder.item_ids) - len(known), space, mapped, frozenset(covered))
 
 
-def _write_changed(index: VectorIndex, space: str, rows: list[tuple[str, np.ndarray]], batch: int) -> int:
-    """Write the rows whose stored vector in `space` is missing or differs; returns how many.
+def _write_changed(index: VectorIndex, space: str, rows: list[tuple[str, np.ndarray]], batch: int) -> None:
+    """Write the rows whose stored vector in `space` is missing or differs (the engine stores cosine
+    vectors normalized, so they are compared normalized).
 
     A server restart calls this for a model whose vectors are already stored: rewriting all of them
     left the engine with unindexed copies to re-index while requests waited (make soak: a restarted
     Recommender kept shedding load for 20 s after it came back)."""
-    written = 0
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         stored = {
@@ -142,18 +143,11 @@ def _write_changed(index: VectorIndex, space: str, rows: list[tuple[str, np.ndar
         changed = {
             pid: {space: row}
             for pid, row in chunk
-            if stored.get(pid) is None or not np.allclose(_unit(stored[pid]), _unit(row), atol=1e-5)
+            if stored.get(pid) is None
+            or not np.allclose(l2_normalize(stored[pid]), l2_normalize(row), atol=1e-5)
         }
         if changed:
             index.update_vectors(changed)
-            written += len(changed)
-    return written
-
-
-def _unit(vector: np.ndarray) -> np.ndarray:
-    """The engine stores cosine vectors normalized: compare like with like."""
-    norm = float(np.linalg.norm(vector))
-    return vector / norm if norm > 0 else vector
 
 
 def _fit_mapping(index: VectorIndex, encoder: SequenceEncoder, known: set[str]) -> ContentMapping:
