@@ -20,11 +20,13 @@ from pydantic import BaseModel, ConfigDict
 from ray import serve
 from ray.exceptions import RayActorError, RayTaskError
 from ray.serve import Application
+from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index import IndexStore
 from serving.api import ApiSettings, create_app
+from serving.ray_logs import log_to_serve_file
 from serving.towers import QueryTower
 from training.ingest import MANIFEST
 
@@ -135,36 +137,12 @@ def build_recommender(paths: dict, store: IndexStore | None = None) -> Any:
         raise
 
 
-# Our modules' loggers: "shopguide.*" (api, explore) and the packages' __name__ loggers.
-APP_LOGGERS = ("shopguide", "serving", "training", "index", "encoders")
-
-
-def _log_to_replica_file() -> None:
-    """Send our modules' log records to this replica's Ray Serve log file (LOGS/serve/replica_*.log).
-
-    Ray sets up handlers for its own "ray.serve" logger only; without this, a 500's error id or a
-    failed model refresh logged in a replica would be written nowhere anyone can find it."""
-    import logging.handlers
-
-    # Ray buffers its own records in a MemoryHandler (in throughput mode until an ERROR or a full
-    # buffer); ours are rare and must be on disk at once, so they go straight to its file handler.
-    handlers = [
-        h.target if isinstance(h, logging.handlers.MemoryHandler) and h.target is not None else h
-        for h in logging.getLogger("ray.serve").handlers
-    ]
-    for name in APP_LOGGERS:
-        logger = logging.getLogger(name)
-        logger.handlers = list(handlers)
-        logger.propagate = False  # the same record must not also reach Ray's stderr capture
-        logger.setLevel(logging.INFO)
-
-
 @serve.deployment(name="Recommender")
 class RecommenderDeployment:
     """Owns the index and the event store; the embedded index allows exactly one replica."""
 
     def __init__(self, paths: dict) -> None:
-        _log_to_replica_file()
+        log_to_serve_file()
         self.recommender = build_recommender(paths)
 
     def reconfigure(self, config: dict) -> None:
@@ -298,6 +276,10 @@ class RayBackend:
                     return await asyncio.wait_for(send(), timeout=max(remaining, 0.001))
                 except TimeoutError:
                     raise self._unavailable(None) from None
+            except BackPressureError as exc:
+                # The deployment's queue at this caller is full (its max_queued_requests): overload,
+                # which retrying would only deepen.
+                raise self._unavailable(exc) from None
             except Exception as exc:
                 if not self.replica_gone(exc):
                     raise
@@ -317,11 +299,14 @@ class RayBackend:
             )
 
     def _unavailable(self, exc: BaseException | None) -> StarletteHTTPException:
-        cause = type(exc).__name__ if exc is not None else "no replica came back"
-        log.warning("gave up after %g s waiting for a replica (%s)", self.RETRY_DEADLINE_S, cause)
-        return StarletteHTTPException(
-            503, "a backend replica is restarting; retry shortly", headers={"Retry-After": "1"}
-        )
+        if isinstance(exc, BackPressureError):
+            log.warning("a deployment's queue at this ingress is full: %s", exc)
+            detail = "the server is at capacity; retry shortly"
+        else:
+            cause = type(exc).__name__ if exc is not None else "no replica came back"
+            log.warning("gave up after %g s waiting for a replica (%s)", self.RETRY_DEADLINE_S, cause)
+            detail = "a backend replica is restarting; retry shortly"
+        return StarletteHTTPException(503, detail, headers={"Retry-After": "1"})
 
 
 @serve.deployment(name="Ingress")
@@ -336,7 +321,7 @@ class Ingress:
         image: DeploymentHandle,
         api_key: str | None,
     ) -> None:
-        _log_to_replica_file()
+        log_to_serve_file()
         self._backend = RayBackend(recommender, text, image)
         self._settings = ApiSettings(api_key=api_key)
 

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import yaml
 
+from serving.admission import ADMISSION_ENV, PROXY_CALLBACK, AdmissionConfig, check_ingress_room
+
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "infra" / "serve" / "shopguide.yaml"  # in the repo
 
 
@@ -123,6 +125,10 @@ def ray_environment() -> None:
     # counters and latency histograms stay at GET /metrics; export RAY_enable_metrics_collection=1 to
     # have Ray's as well.
     os.environ.setdefault("RAY_enable_metrics_collection", "0")
+    # The admission gate in Ray's HTTP proxy (serving/admission.py, configured by $SHOPGUIDE_ADMISSION):
+    # refuses beyond what the server should take on before any work is spent on a request, and lets
+    # requests wait for a restarting Recommender instead of refusing them.
+    os.environ.setdefault("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", PROXY_CALLBACK)
     # Ray's local-only mode (the one it runs on macOS and Windows): the node's address is the loopback
     # one, so the GCS, raylet and object manager, every worker's gRPC server, the dashboard head and
     # agent, the runtime-env agent, the autoscaler monitor and the metrics exporters all listen on
@@ -225,6 +231,9 @@ def run_server(
     options = with_explore_policy(deployment_options(config), explore_policy)
     if use_ray:
         options = recommender_options(options, recommender_replicas, qdrant_url, config)
+        check_ingress_room(
+            AdmissionConfig.from_json(os.environ.get(ADMISSION_ENV)), options.get("Ingress", {})
+        )
     key, generated = resolve_api_key(api_key, no_api_key)
     args = AppArgs(
         data_dir=str(data_dir),

@@ -130,6 +130,14 @@ def test_rayservice_runs_the_same_application_as_serve_run() -> None:
         assert (deployment.get("user_config") or {}) == cluster_config, name
 
 
+@pytest.mark.parametrize("name", list(_serve_configs()))
+def test_serve_config_ingress_holds_what_the_admission_gate_admits(name: str) -> None:
+    from serving.admission import AdmissionConfig, check_ingress_room
+
+    ingress = next(d for d in _app(_serve_configs()[name])["deployments"] if d["name"] == "Ingress")
+    check_ingress_room(AdmissionConfig(), ingress, name)  # raises when Ray would refuse first
+
+
 def test_every_configured_deployment_exists_in_code() -> None:
     from ray.serve.deployment import Deployment
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import socket
@@ -20,6 +21,7 @@ import yaml
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from serving.admission import ADMISSION_ENV
 from serving.deployments import RayBackend
 from serving.recommend import BadRequestError
 from serving.server import DEFAULT_CONFIG
@@ -30,9 +32,14 @@ from tests.soak.soak_serve import find_replica
 RECOMMENDER_TITLE = (
     "ServeReplica:shopguide:Recommender"  # Ray titles a replica `ray::ServeReplica:<app>:<name>`
 )
-# Room for 4 requests at the ingress plus 4 waiting at the proxy: a burst of 64 must be shed.
-INGRESS_SLOTS = {"max_ongoing_requests": 4, "max_queued_requests": 4}
+# An admission gate that admits 8 requests at once (a burst of 64 must be shed; room for the 4 clients,
+# whose next request may arrive before the last one is counted out), and up to 64 while
+# the Recommender is down (a burst then must wait for the successor instead); one Ingress replica with
+# room for them, and a proxy queue for a burst while the proxy hands it over.
+ADMISSION = {"admit": 8, "admit_during_outage": 64, "outage_hold_s": 30}
+INGRESS_SLOTS = {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 64}
 CLIENTS = 4  # the killed-replica client never has more requests out than the ingress takes
+OUTAGE_BURST = 24  # sent while the Recommender is down: 3x what the gate admits in normal times
 
 
 # ---- RayBackend's retry, without a cluster -------------------------------------------------------------
@@ -96,6 +103,16 @@ def test_a_replica_that_stays_gone_is_a_503_with_retry_after() -> None:
     assert time.monotonic() - started < 2
 
 
+def test_a_full_deployment_queue_is_a_503_not_a_500() -> None:
+    from ray.serve.exceptions import BackPressureError
+
+    send, calls = _calls(BackPressureError(num_queued_requests=4, max_queued_requests=4))
+    with pytest.raises(StarletteHTTPException, match="capacity") as raised:
+        asyncio.run(_backend()._ride_out(send))
+    assert raised.value.status_code == 503 and raised.value.headers == {"Retry-After": "1"}
+    assert calls["n"] == 1  # not retried: a full queue is overload, which retrying only deepens
+
+
 # ---- the real server ----------------------------------------------------------------------------------
 @dataclass
 class Served:
@@ -111,7 +128,7 @@ def _free_port() -> int:
 
 
 def _tight_config(path: Path) -> Path:
-    """infra/serve/shopguide.yaml with a small ingress queue (overload is cheap to reach) and a 1 s
+    """infra/serve/shopguide.yaml with one Ingress replica (less memory; the gate is in the proxy) and a 1 s
     Recommender health check (Ray notices the kill within 1 s instead of up to 10 s: a shorter test)."""
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     for deployment in config["applications"][0]["deployments"]:
@@ -135,6 +152,7 @@ def served(tmp_path_factory: pytest.TempPathFactory):
         api_key=None,
         config=_tight_config(work / "serve.yaml"),
         log_file=log,
+        env={ADMISSION_ENV: json.dumps(ADMISSION)},
     )
     try:
         asyncio.run(wait_ready(base, process, timeout=240, log_file=log))
@@ -162,8 +180,10 @@ def test_a_killed_recommender_replica_costs_no_request(served: Served) -> None:
     ids = tiny_ids()
     victim = _replica(served.process.pid, RECOMMENDER_TITLE)
 
-    async def scenario() -> tuple[list[tuple[float, float, int, str | None]], float]:
+    async def scenario() -> tuple[list[tuple[float, float, int, str | None]], float, list, Counter]:
         outcomes: list[tuple[float, float, int, str | None]] = []  # (sent, done, status, Retry-After)
+        burst: list[tuple[float, float, int]] = []  # (sent, done, status) of the outage burst
+        refusals: Counter = Counter()  # what the burst's non-200 answers said
         stop = asyncio.Event()
         timeout = aiohttp.ClientTimeout(total=60)
 
@@ -188,6 +208,26 @@ def test_a_killed_recommender_replica_costs_no_request(served: Served) -> None:
             await asyncio.sleep(2)
             killed_at = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
+            # 2 s in, the gate knows (1 s without an answer) and the successor is still starting.
+            await asyncio.sleep(2)
+
+            async def timed(path: str) -> tuple[float, float, int]:
+                sent = time.monotonic()
+                try:
+                    async with session.get(served.base + path) as response:
+                        body = await response.text()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError) as exc:
+                    status, body = 0, repr(exc)
+                if status != 200:
+                    refusals[body] += 1
+                return sent, time.monotonic(), status
+
+            burst.extend(
+                await asyncio.gather(
+                    *(timed(f"/products/{ids[i % 72]}/similar?k=5") for i in range(OUTAGE_BURST))
+                )
+            )
             deadline = killed_at + 60
             while time.monotonic() < deadline and not any(
                 sent >= killed_at and status == 200 for sent, _, status, _ in outcomes
@@ -196,9 +236,9 @@ def test_a_killed_recommender_replica_costs_no_request(served: Served) -> None:
             await asyncio.sleep(1)  # a little traffic on the successor
             stop.set()
             await asyncio.gather(*clients)
-        return outcomes, killed_at
+        return outcomes, killed_at, burst, refusals
 
-    outcomes, killed_at = asyncio.run(scenario())
+    outcomes, killed_at, burst, refusals = asyncio.run(scenario())
     # Requests out at the moment of the kill: those already at the replica died with it and were
     # retried by the ingress (RayBackend), the others waited for the successor.
     in_flight = Counter(status for sent, done, status, _ in outcomes if sent < killed_at < done)
@@ -211,10 +251,15 @@ def test_a_killed_recommender_replica_costs_no_request(served: Served) -> None:
     assert set(statuses) <= {200, 503}, f"statuses {dict(statuses)}: a kill must never be a 500"
     assert set(in_flight) <= {200, 503}, dict(in_flight)
     assert all(retry_after for _, _, status, retry_after in outcomes if status == 503)
+    # The burst came while no Recommender ran (3x what the gate admits normally): it waited for the
+    # successor instead of being refused.
+    assert max(sent for sent, _, _ in burst) < recovered, "the successor was back before the burst"
+    burst_statuses = Counter(status for _, _, status in burst)
+    assert burst_statuses == {200: OUTAGE_BURST}, (dict(burst_statuses), dict(refusals))
     # Seen here: 0 errors; 4 of 4 requests out at the kill answered 200; recovered in 8-10 s (load 6-12).
     print(
         f"recovered {recovered - killed_at:.1f} s after the kill; statuses {dict(statuses)}, "
-        f"of the requests out at the kill {dict(in_flight)}"
+        f"of the requests out at the kill {dict(in_flight)}; the outage burst {dict(burst_statuses)}"
     )
 
 

@@ -52,14 +52,16 @@ def start_server(
     api_key: str | None = API_KEY,
     config: Path | None = None,
     log_file: Path | None = None,
+    env: dict[str, str] | None = None,
 ) -> subprocess.Popen:
     """`shopguide serve` in a process group of its own (so the caller can stop exactly what it started);
-    its output goes to `log_file`, else to a pipe (read it only after the process exited)."""
+    its output goes to `log_file`, else to a pipe (read it only after the process exited). `env`: more
+    environment variables for it."""
     command = [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir), "--port", str(port)]
     command += ["--api-key", api_key] if api_key else ["--no-api-key"]
     command += (["--config", str(config)] if config else []) + (["--no-ray"] if no_ray else [])
     # RAY_ADDRESS=local: always a fresh cluster of our own, never one that someone's `ray start` left.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "RAY_ADDRESS": "local", **(env or {})}
     output = open(log_file, "w") if log_file else subprocess.PIPE  # noqa: SIM115 - the child owns it
     return subprocess.Popen(
         command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True, start_new_session=True

@@ -51,6 +51,7 @@ from tests.bench.common import (  # noqa: E402
 RECOMMENDER_TITLE = "ServeReplica:shopguide:Recommender"
 INGRESS_TITLE = "ServeReplica:shopguide:Ingress"
 REQUEST_TIMEOUT_S = 30  # a request with no answer by then counts as an error (status 0)
+SETTLED_S = 0.25  # /healthz answering within this after a kill: no backlog left
 
 
 @dataclass
@@ -275,13 +276,15 @@ async def kill_under_load(
 async def wait_recovered(
     base: str, server_pid: int, titles: tuple[str, ...], session: aiohttp.ClientSession, timeout: float = 120
 ) -> float:
-    """Wait until every titled replica runs and /healthz answers 200; returns the seconds waited."""
+    """Wait until every titled replica runs and /healthz answers 200 within SETTLED_S (the backlog a
+    kill left has drained, so the next phase starts from a steady server); returns the seconds waited."""
     start = time.monotonic()
     while time.monotonic() - start < timeout:
         if all(find_replica(server_pid, title) for title in titles):
             try:
+                asked = time.monotonic()
                 async with session.get(f"{base}/healthz") as response:
-                    if response.status == 200:
+                    if response.status == 200 and time.monotonic() - asked < SETTLED_S:
                         return time.monotonic() - start
             except aiohttp.ClientError:
                 pass

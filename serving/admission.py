@@ -1,0 +1,200 @@
+"""Admission at the HTTP front door: a bounded number of requests at a time, more while a backend is down."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from typing import Any
+
+log = logging.getLogger("shopguide.admission")
+
+ADMISSION_ENV = "SHOPGUIDE_ADMISSION"  # JSON of AdmissionConfig fields, e.g. {"admit": 64}
+# Ray Serve calls this function in its HTTP proxy for the proxy's ASGI middlewares.
+PROXY_CALLBACK = "serving.admission:proxy_middlewares"
+
+
+@dataclass(frozen=True)
+class AdmissionConfig:
+    """What the front door admits (`$SHOPGUIDE_ADMISSION`, JSON; unknown keys are errors)."""
+
+    # Normally: requests in the server at once; beyond them 503 + Retry-After at once. 96 = what Ray's
+    # slots admitted before this gate (2 ingress replicas x 16 running + 64 queued at the proxy).
+    admit: int = 96
+    # While the backend is down (a Recommender replica restarting) and until its backlog drains: a
+    # restart takes ~7 s, and at 84 req/s that is ~600 requests that wait for the successor instead of
+    # being refused (`make soak`). Each waiting request is a few KB. Ray's own slots must hold this
+    # many: the Ingress' num_replicas x max_ongoing_requests (2 x 512 in the YAML).
+    admit_during_outage: int = 1024
+    # The most an outage may hold the wider door open; a backend down for longer is a real outage, and
+    # refusing is then the honest answer.
+    outage_hold_s: float = 30.0
+    # Requests out and no answer for this long (while this process itself kept up): the backend is down.
+    stall_s: float = 1.0
+    retry_after_s: int = 1
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.admit <= self.admit_during_outage:
+            raise ValueError(
+                f"admission needs 1 <= admit <= admit_during_outage, got {self.admit} and "
+                f"{self.admit_during_outage}"
+            )
+        if min(self.outage_hold_s, self.stall_s, self.retry_after_s) < 0:
+            raise ValueError("outage_hold_s, stall_s and retry_after_s must be >= 0")
+
+    @classmethod
+    def from_json(cls, text: str | None, source: str = f"${ADMISSION_ENV}") -> AdmissionConfig:
+        """The config a JSON object names (missing keys keep their defaults); None or "" = defaults."""
+        if not text:
+            return cls()
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{source} is not JSON ({exc}): {text!r}") from None
+        known = sorted(cls.__dataclass_fields__)
+        if not isinstance(values, dict) or set(values) - set(known):
+            raise ValueError(f"{source} must be a JSON object with keys from {known}, got {text!r}")
+        return cls(**values)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class AdmissionGate:
+    """Pure ASGI middleware in front of the whole server (Ray Serve's HTTP proxy) that refuses what
+    the server should not take on, with 503 + Retry-After, before any work is spent on it.
+
+    Normally it admits `admit` requests at once. When requests are out and no answer has come back for
+    `stall_s` (a dead Recommender: the ingress holds its calls until Ray has started a successor),
+    it admits up to `admit_during_outage`, so the requests that arrive meanwhile wait for the successor
+    instead of being refused, until answers flow again and the backlog has drained to half of `admit`,
+    or `outage_hold_s` has passed. A stall only counts while this process' own event loop kept up:
+    under heavy overload the proxy itself can fall a second behind, which is not an outage.
+    Ray's own endpoints (/-/healthz, /-/routes) pass untouched."""
+
+    HEARTBEAT_S = 0.05
+    HICCUP_S = 0.2  # a heartbeat this late: the loop was starved, and a silence says nothing then
+
+    def __init__(
+        self, app: Any, config: AdmissionConfig | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.app = app
+        self.config = config or AdmissionConfig()
+        self.clock = clock
+        self.active = 0  # admitted requests not finished yet
+        self.refused = 0
+        self._answered_at = clock()  # the last answer, or when requests went out after none were
+        self._hiccup_at = float("-inf")  # the last time the event loop was late
+        self._outage_from: float | None = None  # when the outage the door is open for began
+        self._heartbeat: asyncio.Task | None = None
+
+    def degraded_since(self) -> float | None:
+        """When the backend went quiet (requests out, no answer for stall_s), or None."""
+        if self.active == 0:
+            return None
+        quiet_from = max(self._answered_at, self._hiccup_at)
+        return self._answered_at if self.clock() - quiet_from >= self.config.stall_s else None
+
+    def limit(self) -> int:
+        """How many requests may be in the server now."""
+        config, now = self.config, self.clock()
+        since = self.degraded_since()
+        if self._outage_from is None and since is not None and now - since < config.outage_hold_s:
+            self._outage_from = since
+            log.warning(
+                "no answer for %.1f s with %d requests out: admitting up to %d (not %d) for at most %g s",
+                now - since,
+                self.active,
+                config.admit_during_outage,
+                config.admit,
+                config.outage_hold_s,
+            )
+        if self._outage_from is not None:
+            # Half of admit, not admit: a backlog draining hovers around admit, and narrowing there
+            # refused requests its tail still pushed up (`make soak`).
+            drained = since is None and self.active <= config.admit // 2
+            if drained or now - self._outage_from >= config.outage_hold_s:
+                log.warning(
+                    "%s after %.1f s: admitting %d again (%d refused so far)",
+                    "backlog drained" if drained else "still no answer, the hold is over",
+                    now - self._outage_from,
+                    config.admit,
+                    self.refused,
+                )
+                self._outage_from = None
+        return config.admit_during_outage if self._outage_from is not None else config.admit
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope["path"].startswith("/-/"):
+            await self.app(scope, receive, send)
+            return
+        if self._heartbeat is None:
+            self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+        if self.active >= self.limit():
+            self.refused += 1
+            await self._refuse(send)
+            return
+
+        async def send_observed(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                self._answered_at = self.clock()
+            await send(message)
+
+        if self.active == 0:
+            self._answered_at = self.clock()  # nothing was out: the silence starts now
+        self.active += 1
+        try:
+            await self.app(scope, receive, send_observed)
+        finally:
+            self.active -= 1
+
+    async def _beat(self) -> None:
+        while True:
+            due = self.clock() + self.HEARTBEAT_S
+            await asyncio.sleep(self.HEARTBEAT_S)
+            if self.clock() - due > self.HICCUP_S:
+                self._hiccup_at = self.clock()
+
+    async def _refuse(self, send: Any) -> None:
+        body = json.dumps(
+            {"error": "unavailable", "detail": "the server is at capacity; retry shortly"}
+        ).encode()
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"retry-after", str(self.config.retry_after_s).encode()),
+        ]
+        await send({"type": "http.response.start", "status": 503, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
+
+
+def check_ingress_room(config: AdmissionConfig, ingress: dict, source: str = "the Serve config") -> None:
+    """Refuse an Ingress whose Ray slots (`ingress`: its deployment options) hold fewer requests than
+    the gate admits during an outage: Ray would refuse, at its proxy queue, what the gate means to
+    let wait for a restarting replica."""
+    replicas = ingress.get("num_replicas", 1)
+    ongoing = ingress.get("max_ongoing_requests", 5)  # Ray Serve's default
+    if isinstance(replicas, int) and replicas * ongoing < config.admit_during_outage:
+        raise ValueError(
+            f"{source} gives the Ingress {replicas} x {ongoing} request slots (num_replicas x "
+            f"max_ongoing_requests), fewer than admit_during_outage {config.admit_during_outage} "
+            f"(${ADMISSION_ENV}): raise max_ongoing_requests, or lower admit_during_outage"
+        )
+
+
+def proxy_middlewares() -> list:
+    """Ray Serve's HTTP proxy callback ($RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, which `shopguide
+    serve` sets to PROXY_CALLBACK): the admission gate, configured from $SHOPGUIDE_ADMISSION."""
+    from starlette.middleware import Middleware
+
+    from serving.ray_logs import log_to_serve_file
+
+    log_to_serve_file(("shopguide.admission",))  # into the proxy's log file, beside Ray's own records
+    # The entry point of the proxy process: Ray calls this with no arguments, so the environment
+    # (set by `shopguide serve`, or by whoever runs `serve run`) is the only way in.
+    config = AdmissionConfig.from_json(os.environ.get(ADMISSION_ENV))
+    return [Middleware(AdmissionGate, config=config)]
