@@ -103,7 +103,8 @@ def upsert_behavior_vectors(
     space = behavior_space(encoder)
     index.add_space(space)
     vectors = encoder.item_vectors()  # (n_items, dim + 2) unit rows for cosine
-    known = {r.product_id for r in index.get(encoder.item_ids)}
+    in_index = list(index.product_ids())  # a scroll of ids: cheaper than reading every payload
+    known = set(encoder.item_ids).intersection(in_index)
     rows = [(pid, vectors[i]) for i, pid in enumerate(encoder.item_ids) if pid in known]
     if only is not None:
         rows = [(pid, row) for pid, row in rows if pid in only]
@@ -111,7 +112,7 @@ def upsert_behavior_vectors(
     covered = set(known)
     mapped = 0
     if map_content and "fused" in index.spaces:
-        unseen = [pid for pid in (only if only is not None else index.product_ids()) if pid not in known]
+        unseen = [pid for pid in (only if only is not None else in_index) if pid not in known]
         if unseen:
             mapping = _fit_mapping(index, encoder, known)
             for start in range(0, len(unseen), batch):
@@ -137,14 +138,18 @@ def _write_changed(index: VectorIndex, space: str, rows: list[tuple[str, np.ndar
     for start in range(0, len(rows), batch):
         chunk = rows[start : start + batch]
         stored = {
-            r.product_id: r.vectors.get(space)
+            r.product_id: r.vectors[space]
             for r in index.get([pid for pid, _ in chunk], with_vectors=(space,))
+            if space in r.vectors
         }
+        same = np.zeros(len(chunk), dtype=bool)  # (chunk,) stored and equal
+        present = [i for i, (pid, _) in enumerate(chunk) if pid in stored]
+        if present:  # one vectorized comparison per chunk: a restart compares all 11k at start-up
+            old = l2_normalize(np.stack([stored[chunk[i][0]] for i in present]))
+            new = l2_normalize(np.stack([chunk[i][1] for i in present]))
+            same[present] = np.abs(old - new).max(axis=1) <= 1e-5
         changed = {
-            pid: {space: row}
-            for pid, row in chunk
-            if stored.get(pid) is None
-            or not np.allclose(l2_normalize(stored[pid]), l2_normalize(row), atol=1e-5)
+            pid: {space: row} for (pid, row), unchanged in zip(chunk, same, strict=True) if not unchanged
         }
         if changed:
             index.update_vectors(changed)
@@ -152,7 +157,7 @@ def _write_changed(index: VectorIndex, space: str, rows: list[tuple[str, np.ndar
 
 def _fit_mapping(index: VectorIndex, encoder: SequenceEncoder, known: set[str]) -> ContentMapping:
     ids = [pid for pid in encoder.item_ids if pid in known]
-    records = [r for r in index.get(ids, with_vectors=True) if "fused" in r.vectors]
+    records = [r for r in index.get(ids, with_vectors=("fused",)) if "fused" in r.vectors]
     rows = np.array([encoder.item_index[r.product_id] - 1 for r in records])  # item_index is 1-based
     return ContentMapping(encoder, np.stack([r.vectors["fused"] for r in records]), rows)
 
