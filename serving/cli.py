@@ -961,7 +961,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", type=Path, help="YAML model/train config, as for `train sequences`")
     p.set_defaults(func=cmd_worker)
 
-    p = sub.add_parser("serve", help="the HTTP API on Ray Serve (similar, feed, search, events)")
+    p = sub.add_parser(
+        "serve",
+        help="the HTTP API on Ray Serve (similar, feed, search, events)",
+        epilog="Admission: 96 requests at once, up to 1024 while a Recommender restarts, the rest 503 + "
+        "Retry-After; set $SHOPGUIDE_ADMISSION to JSON to change it, e.g. "
+        '\'{"admit": 64, "admit_during_outage": 512}\' (serving/admission.py AdmissionConfig).',
+    )
     p.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="what `shopguide ingest` wrote")
     p.add_argument(
         "--host", default="127.0.0.1", help="bind address (default: %(default)s, this machine only)"
