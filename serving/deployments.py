@@ -143,7 +143,10 @@ class RecommenderDeployment:
 
     def __init__(self, paths: dict) -> None:
         log_to_serve_file()
+        started = time.monotonic()
         self.recommender = build_recommender(paths)
+        # Beside the controller's log of a death, the time a successor keeps requests waiting.
+        log.info("Recommender replica built in %.1f s", time.monotonic() - started)
 
     def reconfigure(self, config: dict) -> None:
         # Ray calls this right after __init__ with the YAML's user_config, and again on every change;
