@@ -186,6 +186,12 @@ def check_ingress_room(config: AdmissionConfig, ingress: dict, source: str = "th
         )
 
 
+def gate_configured(environ: dict | None = None) -> bool:
+    """Whether Ray's proxy on this node runs the gate (it reads the same environment as this process)."""
+    environ = os.environ if environ is None else environ
+    return PROXY_CALLBACK in environ.get("RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH", "")
+
+
 def proxy_middlewares() -> list:
     """Ray Serve's HTTP proxy callback ($RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH, which `shopguide
     serve` sets to PROXY_CALLBACK): the admission gate, configured from $SHOPGUIDE_ADMISSION."""

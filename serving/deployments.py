@@ -25,6 +25,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from index import IndexStore
+from serving.admission import PROXY_CALLBACK, gate_configured
 from serving.api import ApiSettings, create_app
 from serving.ray_logs import log_to_serve_file
 from serving.towers import QueryTower
@@ -325,6 +326,13 @@ class Ingress:
         api_key: str | None,
     ) -> None:
         log_to_serve_file()
+        if not gate_configured():
+            log.warning(
+                "no admission gate in Ray's HTTP proxy: only the Ingress' Ray slots bound what the server "
+                "takes on; export RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH=%s where Ray starts "
+                "(`shopguide serve` and the Docker image do)",
+                PROXY_CALLBACK,
+            )
         self._backend = RayBackend(recommender, text, image)
         self._settings = ApiSettings(api_key=api_key)
 

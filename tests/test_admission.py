@@ -7,7 +7,14 @@ import json
 
 import pytest
 
-from serving.admission import AdmissionConfig, AdmissionGate, check_ingress_room, proxy_middlewares
+from serving.admission import (
+    PROXY_CALLBACK,
+    AdmissionConfig,
+    AdmissionGate,
+    check_ingress_room,
+    gate_configured,
+    proxy_middlewares,
+)
 
 
 class Clock:
@@ -187,3 +194,9 @@ def test_the_proxy_callback_reads_the_environment(monkeypatch: pytest.MonkeyPatc
     monkeypatch.setenv("SHOPGUIDE_ADMISSION", '{"admit": 0}')
     with pytest.raises(ValueError, match="admit <= admit_during_outage"):
         proxy_middlewares()
+
+
+def test_whether_the_gate_is_configured_is_read_from_the_environment() -> None:
+    assert gate_configured({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": PROXY_CALLBACK})
+    assert not gate_configured({})
+    assert not gate_configured({"RAY_SERVE_HTTP_PROXY_CALLBACK_IMPORT_PATH": "mine:callback"})
