@@ -8,8 +8,10 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any
+
+from starlette.responses import JSONResponse
 
 log = logging.getLogger("shopguide.admission")
 
@@ -55,13 +57,17 @@ class AdmissionConfig:
             values = json.loads(text)
         except json.JSONDecodeError as exc:
             raise ValueError(f"{source} is not JSON ({exc}): {text!r}") from None
-        known = sorted(cls.__dataclass_fields__)
-        if not isinstance(values, dict) or set(values) - set(known):
-            raise ValueError(f"{source} must be a JSON object with keys from {known}, got {text!r}")
+        fields = cls.__dataclass_fields__
+        if not isinstance(values, dict) or set(values) - set(fields):
+            raise ValueError(f"{source} must be a JSON object with keys from {sorted(fields)}, got {text!r}")
+        for key, value in values.items():
+            # A count or Retry-After's whole seconds must be an integer; the durations may be 0.5.
+            kinds = (int, float) if isinstance(fields[key].default, float) else (int,)
+            if isinstance(value, bool) or not isinstance(value, kinds):
+                raise ValueError(
+                    f"{source}: {key} must be {' or '.join(k.__name__ for k in kinds)}, got {value!r}"
+                )
         return cls(**values)
-
-    def to_json(self) -> str:
-        return json.dumps(asdict(self))
 
 
 class AdmissionGate:
@@ -136,7 +142,7 @@ class AdmissionGate:
             self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
         if self.active >= self.limit():
             self.refused += 1
-            await self._refuse(send)
+            await self._refuse(scope, receive, send)
             return
 
         async def send_observed(message: dict) -> None:
@@ -159,17 +165,14 @@ class AdmissionGate:
             if self.clock() - due > self.HICCUP_S:
                 self._hiccup_at = self.clock()
 
-    async def _refuse(self, send: Any) -> None:
-        body = json.dumps(
-            {"error": "unavailable", "detail": "the server is at capacity; retry shortly"}
-        ).encode()
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"retry-after", str(self.config.retry_after_s).encode()),
-        ]
-        await send({"type": "http.response.start", "status": 503, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+    async def _refuse(self, scope: dict, receive: Any, send: Any) -> None:
+        # The body every API error has (serving/api.py), rendered the same way.
+        refusal = JSONResponse(
+            {"error": "unavailable", "detail": "the server is at capacity; retry shortly"},
+            status_code=503,
+            headers={"Retry-After": str(self.config.retry_after_s)},
+        )
+        await refusal(scope, receive, send)
 
 
 def check_ingress_room(config: AdmissionConfig, ingress: dict, source: str = "the Serve config") -> None:

@@ -174,8 +174,12 @@ def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="is not JSON"):
         AdmissionConfig.from_json("admit=4")
     assert AdmissionConfig.from_json(None) == AdmissionConfig.from_json("") == AdmissionConfig()
-    config = AdmissionConfig.from_json('{"admit": 4}')
-    assert config.admit == 4 and AdmissionConfig.from_json(config.to_json()) == config
+    with pytest.raises(ValueError, match="admit must be int, got '96'"):
+        AdmissionConfig.from_json('{"admit": "96"}')
+    with pytest.raises(ValueError, match="retry_after_s must be int, got 1.5"):
+        AdmissionConfig.from_json('{"retry_after_s": 1.5}')
+    config = AdmissionConfig.from_json('{"admit": 4, "stall_s": 0.5, "outage_hold_s": 20}')
+    assert (config.admit, config.stall_s, config.outage_hold_s) == (4, 0.5, 20)
 
 
 def test_the_ingress_must_hold_what_the_gate_admits() -> None:
