@@ -280,7 +280,9 @@ def _error(status: int, error: str, detail: Any = None, headers: dict | None = N
     return JSONResponse({"error": error, "detail": detail}, status_code=status, headers=headers)
 
 
-def filters_from(
+# Dependencies are `async def` though they never await: FastAPI runs a plain `def` one in its thread
+# pool, a thread hop and a GIL handover per request on the hot path.
+async def filters_from(
     gender: list[str] = Query([], description="repeatable, e.g. gender=Men&gender=Unisex"),
     masterCategory: list[str] = Query([]),  # noqa: N803 - catalog column names, kept verbatim
     subCategory: list[str] = Query([]),  # noqa: N803
@@ -466,7 +468,7 @@ def create_app(backend: Backend | None = None, settings: ApiSettings | None = No
         # Read per request: tests (and a reconfigured ingress) may swap the settings.
         return visitor_secret(app.state.settings.api_key) or process_secret
 
-    def get_backend(request: Request) -> Backend:
+    async def get_backend(request: Request) -> Backend:
         found = request.app.state.backend
         if found is None:
             raise StarletteHTTPException(503, "the recommender is starting; retry shortly")
