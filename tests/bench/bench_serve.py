@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.bench.common import (  # noqa: E402 - re-exported: other benchmarks and tests import them from here
     API_KEY,
+    collector_paused,
     latency_histogram,
     start_server,
     stop_server,
@@ -114,9 +115,10 @@ async def measure(base: str, kind: str, concurrency: int, requests: int, stream)
             method, path, body = next(stream)
             if body is None:
                 await (await session.request(method, base + path)).read()
-        started = time.perf_counter()
-        await asyncio.gather(*(worker(session) for _ in range(concurrency)))
-        elapsed = time.perf_counter() - started
+        with collector_paused():
+            started = time.perf_counter()
+            await asyncio.gather(*(worker(session) for _ in range(concurrency)))
+            elapsed = time.perf_counter() - started
     ms = np.array(latencies) * 1000
     return {
         "endpoint": kind,
