@@ -224,6 +224,10 @@ class RayBackend:
     # and then starts a new process, which imports the stack and opens the index (`make soak` has the
     # figures). Past this the caller gets a 503 with Retry-After, never a 500.
     RETRY_DEADLINE_S = 15.0
+    # The longest one request waits in all, first try included: a first try waits while Serve has no
+    # replica to give it (a successor starting, under load 5-13 s in `make soak`), and without a bound
+    # a Recommender that never comes back would hold every admitted request until its client gave up.
+    ANSWER_DEADLINE_S = 30.0
     RETRY_BACKOFF_S = (0.05, 0.1, 0.2, 0.5)  # then every 0.5 s: a restart takes seconds, not ms
     _last_warned = 0.0  # monotonic time of the last "replica gone" warning (one per 5 s, not per request)
 
@@ -271,15 +275,16 @@ class RayBackend:
         attempt = 0
         while True:
             try:
-                if attempt == 0:
-                    # The first try is not timed: while no replica exists Serve queues it until one
-                    # does, and a slow answer under load is not a failure.
-                    return await send()
-                remaining = self.RETRY_DEADLINE_S - (time.monotonic() - started)
+                # The first try may wait up to ANSWER_DEADLINE_S: while no replica exists Serve queues
+                # it until one does, and a slow answer under load is not a failure. Retries share what
+                # is left of RETRY_DEADLINE_S.
+                deadline = self.ANSWER_DEADLINE_S if attempt == 0 else self.RETRY_DEADLINE_S
+                remaining = deadline - (time.monotonic() - started)
                 try:
                     return await asyncio.wait_for(send(), timeout=max(remaining, 0.001))
                 except TimeoutError:
-                    raise self._unavailable(None) from None
+                    waited = time.monotonic() - started
+                    raise self._unavailable(None, waited, retried=attempt > 0) from None
             except BackPressureError as exc:
                 # The deployment's queue at this caller is full (its max_queued_requests): overload,
                 # which retrying would only deepen.
@@ -302,13 +307,19 @@ class RayBackend:
                 "a replica is gone (%s); retrying for up to %g s", type(exc).__name__, self.RETRY_DEADLINE_S
             )
 
-    def _unavailable(self, exc: BaseException | None) -> StarletteHTTPException:
+    def _unavailable(
+        self, exc: BaseException | None, waited: float | None = None, retried: bool = True
+    ) -> StarletteHTTPException:
         if isinstance(exc, BackPressureError):
             log.warning("a deployment's queue at this ingress is full: %s", exc)
             detail = "the server is at capacity; retry shortly"
+        elif not retried:  # the first try timed out: no replica answered at all, dead or stuck
+            log.warning("gave up after %.1f s: no replica answered", waited)
+            detail = f"no answer from the backend within {self.ANSWER_DEADLINE_S:g} s; retry shortly"
         else:
             cause = type(exc).__name__ if exc is not None else "no replica came back"
-            log.warning("gave up after %g s waiting for a replica (%s)", self.RETRY_DEADLINE_S, cause)
+            waited = self.RETRY_DEADLINE_S if waited is None else waited
+            log.warning("gave up after %.1f s waiting for a replica (%s)", waited, cause)
             detail = "a backend replica is restarting; retry shortly"
         return StarletteHTTPException(503, detail, headers={"Retry-After": "1"})
 

@@ -103,6 +103,27 @@ def test_a_replica_that_stays_gone_is_a_503_with_retry_after() -> None:
     assert time.monotonic() - started < 2
 
 
+def test_a_first_try_that_never_answers_is_a_503_at_the_answer_deadline() -> None:
+    # No replica at all (the Recommender died and no successor comes up) or a stuck one: Serve holds
+    # the first try, which must not hold the request for as long as the client cares to wait.
+    async def hangs() -> None:
+        await asyncio.sleep(60)
+
+    backend = _backend(0.5)
+    backend.ANSWER_DEADLINE_S = 1.0
+    started = time.monotonic()
+    with pytest.raises(StarletteHTTPException, match="no answer from the backend within 1 s") as raised:
+        asyncio.run(backend._ride_out(hangs))
+    assert raised.value.status_code == 503 and raised.value.headers == {"Retry-After": "1"}
+    assert 1.0 <= time.monotonic() - started < 1.5  # the answer deadline, not the shorter retry one
+
+    async def slow() -> dict:  # slow but inside the deadline: an answer, not an error
+        await asyncio.sleep(0.7)
+        return {"items": []}
+
+    assert asyncio.run(backend._ride_out(slow)) == {"items": []}
+
+
 def test_a_full_deployment_queue_is_a_503_not_a_500() -> None:
     from ray.serve.exceptions import BackPressureError
 
