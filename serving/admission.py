@@ -80,7 +80,8 @@ class AdmissionGate:
     instead of being refused, until answers flow again and the backlog has drained to half of `admit`,
     or `outage_hold_s` has passed. A stall only counts while this process' own event loop kept up:
     under heavy overload the proxy itself can fall a second behind, which is not an outage.
-    Ray's own endpoints (/-/healthz, /-/routes) pass untouched."""
+    A GET or HEAD whose ingress replica died with it (Ray's proxy then has no answer at all) is asked
+    once more. Ray's own endpoints (/-/healthz, /-/routes) pass untouched."""
 
     HEARTBEAT_S = 0.05
     HICCUP_S = 0.2  # a heartbeat this late: the loop was starved, and a silence says nothing then
@@ -93,6 +94,7 @@ class AdmissionGate:
         self.clock = clock
         self.active = 0  # admitted requests not finished yet
         self.refused = 0
+        self.replayed = 0  # requests asked again after their ingress replica died with them
         self._answered_at = clock()  # the last answer, or when requests went out after none were
         self._hiccup_at = float("-inf")  # the last time the event loop was late
         self._outage_from: float | None = None  # when the outage the door is open for began
@@ -145,8 +147,12 @@ class AdmissionGate:
             await self._refuse(scope, receive, send)
             return
 
+        answered = False
+
         async def send_observed(message: dict) -> None:
+            nonlocal answered
             if message["type"] == "http.response.start":
+                answered = True
                 self._answered_at = self.clock()
             await send(message)
 
@@ -154,7 +160,17 @@ class AdmissionGate:
             self._answered_at = self.clock()  # nothing was out: the silence starts now
         self.active += 1
         try:
-            await self.app(scope, receive, send_observed)
+            # Ray's proxy returns without a response when the ingress replica died with the request in
+            # it (the server then answers a bare 500). A GET or HEAD changes nothing, so it is asked
+            # once more, and Ray routes it to a live replica; a request with a body is not replayed.
+            replay = _Replay(receive) if scope.get("method") in ("GET", "HEAD") else None
+            await self.app(scope, replay or receive, send_observed)
+            if not answered and replay is not None and replay.can_replay():
+                self.replayed += 1
+                log.warning(
+                    "%s %s: its ingress replica died with it; asking again", scope["method"], scope["path"]
+                )
+                await self.app(scope, replay, send_observed)
         finally:
             self.active -= 1
 
@@ -173,6 +189,37 @@ class AdmissionGate:
             headers={"Retry-After": str(self.config.retry_after_s)},
         )
         await refusal(scope, receive, send)
+
+
+class _Replay:
+    """The ASGI receive of a bodiless request, able to hand its request message out once more."""
+
+    def __init__(self, receive: Any) -> None:
+        self.receive = receive
+        self.request: dict | None = None  # the http.request message the first attempt read
+        self.pending: dict | None = None
+        self.disconnected = False
+
+    async def __call__(self) -> dict:
+        if self.pending is not None:
+            message, self.pending = self.pending, None
+            return message
+        message = await self.receive()
+        if message["type"] == "http.request":
+            self.request = message
+        elif message["type"] == "http.disconnect":
+            self.disconnected = True
+        return message
+
+    def can_replay(self) -> bool:
+        """Whether another attempt makes sense (the client is still there, the body was empty), and if
+        so, rewind: the next read returns the request message again."""
+        if self.disconnected or (
+            self.request is not None and (self.request.get("body") or self.request.get("more_body"))
+        ):
+            return False
+        self.pending = self.request
+        return True
 
 
 def check_ingress_room(config: AdmissionConfig, ingress: dict, source: str = "the Serve config") -> None:

@@ -164,6 +164,71 @@ def test_rays_own_endpoints_and_other_scopes_pass_through() -> None:
     assert seen == ["lifespan", "/-/healthz"]
 
 
+class DiesWithRequests:
+    """Ray's proxy when the ingress replica dies with the request in it: it has read the request and
+    returns without a response, `dies` times; then it answers with what it read."""
+
+    def __init__(self, dies: int) -> None:
+        self.dies = dies
+        self.calls = 0
+        self.read: list[dict] = []
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        self.calls += 1
+        self.read.append(await receive())
+        if self.calls <= self.dies:
+            return
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": self.read[-1].get("body", b"")})
+
+
+async def _once(gate: AdmissionGate, method: str, first: dict) -> list[dict]:
+    """One request through the gate: the client's first message is `first`, then it waits (connected)."""
+    messages: list[dict] = []
+    waiting = asyncio.Event()
+    sent = []
+
+    async def receive() -> dict:
+        if not sent:
+            sent.append(first)
+            return first
+        await waiting.wait()  # a connected client: no disconnect while the server works
+        return {"type": "http.disconnect"}
+
+    async def send(message: dict) -> None:
+        messages.append(message)
+
+    await gate(
+        {"type": "http", "method": method, "path": "/products/1/similar", "headers": []}, receive, send
+    )
+    return messages
+
+
+REQUEST = {"type": "http.request", "body": b"", "more_body": False}
+
+
+def test_a_get_whose_ingress_replica_died_with_it_is_asked_again_once() -> None:
+    app = DiesWithRequests(dies=1)
+    gate = AdmissionGate(app, AdmissionConfig())
+    messages = asyncio.run(_once(gate, "GET", REQUEST))
+    assert messages[0]["status"] == 200 and app.calls == 2 and gate.replayed == 1
+    assert app.read == [REQUEST, REQUEST]  # the second attempt read the request again
+    assert gate.active == 0
+
+    app = DiesWithRequests(dies=2)  # dead again: once is enough, the server answers its bare 500
+    gate = AdmissionGate(app, AdmissionConfig())
+    assert asyncio.run(_once(gate, "GET", REQUEST)) == [] and app.calls == 2 and gate.replayed == 1
+
+
+def test_a_request_with_a_body_or_a_gone_client_is_not_asked_again() -> None:
+    post = {"type": "http.request", "body": b'{"events": []}', "more_body": False}
+    for method, first in (("POST", post), ("GET", post), ("GET", {"type": "http.disconnect"})):
+        app = DiesWithRequests(dies=1)
+        gate = AdmissionGate(app, AdmissionConfig())
+        assert asyncio.run(_once(gate, method, first)) == []
+        assert app.calls == 1 and gate.replayed == 0, (method, first)
+
+
 def test_config_is_checked() -> None:
     with pytest.raises(ValueError, match="admit <= admit_during_outage"):
         AdmissionConfig(admit=10, admit_during_outage=5)

@@ -27,7 +27,7 @@ from serving.recommend import BadRequestError
 from serving.server import DEFAULT_CONFIG
 from tests.bench.common import start_server, stop_server, wait_ready
 from tests.serving_fixtures import serving_data_copy, tiny_ids
-from tests.soak.soak_serve import find_replica
+from tests.soak.soak_serve import INGRESS_TITLE, find_replica
 
 RECOMMENDER_TITLE = (
     "ServeReplica:shopguide:Recommender"  # Ray titles a replica `ray::ServeReplica:<app>:<name>`
@@ -306,6 +306,57 @@ def test_a_burst_beyond_the_queue_is_shed_with_retry_after_then_served(served: S
 
     assert asyncio.run(after())[0] == 200
     assert served.process.poll() is None
+
+
+@pytest.mark.slow
+def test_gets_inside_a_killed_ingress_replica_are_asked_again(served: Served) -> None:
+    """kill -9 the (only) Ingress replica under steady clients: the GETs that were inside it died with
+    it, and Ray's proxy has no answer for them; the admission gate asks again, and Ray hands them to
+    the successor. None is a 500 (Ray's proxy answered every one of them 500 before the gate did)."""
+    ids = tiny_ids()
+    victim = _replica(served.process.pid, INGRESS_TITLE)
+
+    async def scenario() -> tuple[list[tuple[float, float, int]], float]:
+        outcomes: list[tuple[float, float, int]] = []  # (sent, done, status)
+        stop = asyncio.Event()
+
+        async def client(session: aiohttp.ClientSession, i: int) -> None:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                path = (
+                    f"/users/shopper-{i}/feed?k=5" if n % 2 else f"/products/{ids[(i + n) % 72]}/similar?k=5"
+                )
+                sent = time.monotonic()
+                try:
+                    status, _ = await _get(session, served.base + path)
+                except (aiohttp.ClientError, TimeoutError):
+                    status = 0
+                outcomes.append((sent, time.monotonic(), status))
+
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
+            clients = [asyncio.create_task(client(session, i)) for i in range(CLIENTS)]
+            await asyncio.sleep(2)
+            killed_at = time.monotonic()
+            os.kill(victim.pid, signal.SIGKILL)
+            deadline = killed_at + 60
+            while time.monotonic() < deadline and not any(
+                sent >= killed_at and status == 200 for sent, _, status in outcomes
+            ):
+                await asyncio.sleep(0.2)
+            await asyncio.sleep(1)
+            stop.set()
+            await asyncio.gather(*clients)
+        return outcomes, killed_at
+
+    outcomes, killed_at = asyncio.run(scenario())
+    in_flight = Counter(status for sent, done, status in outcomes if sent < killed_at < done)
+    statuses = Counter(status for _, _, status in outcomes)
+    assert in_flight, "no request was out when the replica was killed: the test proved nothing"
+    assert _replica(served.process.pid, INGRESS_TITLE).pid != victim.pid
+    assert in_flight == {200: sum(in_flight.values())}, f"requests out at the kill: {dict(in_flight)}"
+    assert set(statuses) == {200}, dict(statuses)
+    print(f"requests out at the kill {dict(in_flight)}; all statuses {dict(statuses)}")
 
 
 def test_replicas_start_without_importing_the_encoder_libraries() -> None:
