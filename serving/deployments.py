@@ -281,7 +281,9 @@ class RayBackend:
                 deadline = self.ANSWER_DEADLINE_S if attempt == 0 else self.RETRY_DEADLINE_S
                 remaining = deadline - (time.monotonic() - started)
                 try:
-                    return await asyncio.wait_for(send(), timeout=max(remaining, 0.001))
+                    # asyncio.timeout, not wait_for: no extra task (and loop hop) on every call.
+                    async with asyncio.timeout(max(remaining, 0.001)):
+                        return await send()
                 except TimeoutError:
                     waited = time.monotonic() - started
                     raise self._unavailable(None, waited, retried=attempt > 0) from None
