@@ -80,7 +80,7 @@ bench: install
 	$(BIN)/python tests/bench/bench_event_effect.py --data-dir $(BENCH_DIR)
 	$(BIN)/python tests/bench/bench_reembed.py --catalog $(CATALOG)
 
-# Overload soak and replica kills on the full catalog (tests/soak/soak_serve.py; about 8 minutes on
+# Overload soak and replica kills on the full catalog (tests/soak/soak_serve.py; about 5 minutes on
 # 2 cores, most of it fixed-length phases): builds data/bench as `make bench` does when it is missing,
 # then writes bench-results/soak.json. Not part of `make test` (tests/test_resilience.py is).
 .PHONY: soak

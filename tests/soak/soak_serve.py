@@ -1,6 +1,6 @@
 """Overload soak and replica kills against the real `shopguide serve` (Ray Serve) on the full catalog.
 
-One server, one run (`make soak`: about 8 minutes on 2 cores, most of it the fixed-length phases):
+One server, one run (`make soak`: about 5 minutes on 2 cores, most of it the fixed-length phases):
   1. unloaded p99: similar items, concurrency 1, 1000 requests;
   2. maximum throughput: similar items, closed loop at concurrency 16 for 15 s;
   3. 80% of the maximum, open loop (fixed-rate arrivals) for 60 s: p99 <= 3x unloaded, zero errors;
