@@ -294,8 +294,9 @@ class RayBackend:
             except Exception as exc:
                 if not self.replica_gone(exc):
                     raise
-                if time.monotonic() - started >= self.RETRY_DEADLINE_S:
-                    raise self._unavailable(exc) from exc
+                waited = time.monotonic() - started
+                if waited >= self.RETRY_DEADLINE_S:
+                    raise self._unavailable(exc, waited) from exc
                 self._warn(exc)
                 backoff = self.RETRY_BACKOFF_S[min(attempt, len(self.RETRY_BACKOFF_S) - 1)]
                 attempt += 1
@@ -320,7 +321,6 @@ class RayBackend:
             detail = f"no answer from the backend within {self.ANSWER_DEADLINE_S:g} s; retry shortly"
         else:
             cause = type(exc).__name__ if exc is not None else "no replica came back"
-            waited = self.RETRY_DEADLINE_S if waited is None else waited
             log.warning("gave up after %.1f s waiting for a replica (%s)", waited, cause)
             detail = "a backend replica is restarting; retry shortly"
         return StarletteHTTPException(503, detail, headers={"Retry-After": "1"})

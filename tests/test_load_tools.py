@@ -83,3 +83,12 @@ def test_rss_sampler_ends_when_the_tree_is_gone() -> None:
         time.sleep(0.5)
         assert rss._process is not None and rss._process.poll() is not None  # it stopped by itself
     assert 1 <= len(rss.samples_mb)
+
+
+def test_rss_sampler_without_samples_reports_none_not_zero() -> None:
+    assert RssSampler(1).result() == {
+        "peak_rss_mb": None,
+        "first_rss_mb": None,
+        "last_rss_mb": None,
+        "rss_samples": 0,
+    }

@@ -52,12 +52,13 @@ class RssSampler:
         self.samples_mb = [float(line) for line in out.split()]
 
     def result(self) -> dict:
-        samples = self.samples_mb or [0.0]
+        """Peak, first and last sample in MB; None when nothing was sampled (never a made-up 0)."""
+        samples = self.samples_mb
         return {
-            "peak_rss_mb": round(max(samples), 1),
-            "first_rss_mb": round(samples[0], 1),
-            "last_rss_mb": round(samples[-1], 1),
-            "rss_samples": len(self.samples_mb),
+            "peak_rss_mb": round(max(samples), 1) if samples else None,
+            "first_rss_mb": round(samples[0], 1) if samples else None,
+            "last_rss_mb": round(samples[-1], 1) if samples else None,
+            "rss_samples": len(samples),
         }
 
 
