@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import os
+import random
+import socket
 import subprocess
 import sys
 import textwrap
@@ -19,6 +21,29 @@ from training.catalog import DATASETS_DIR  # noqa: E402 - after the offline swit
 
 DATASETS = DATASETS_DIR
 FASHION = DATASETS / "fashion-catalog"
+# Ports for the servers tests start: below the kernel's ephemeral range (32768-60999 by default), where
+# Ray's GCS, raylet and agents take theirs by binding port 0, and above Ray's worker range (10002-19999).
+# A port picked in the ephemeral range was free when picked and could be Ray's by the time the proxy
+# bound it ("Failed to bind to address", seen in CI).
+SERVER_PORTS = (20000, 32000)
+_GIVEN_PORTS: set[int] = set()  # never the same port twice: callers bind theirs only later
+
+
+def free_port() -> int:
+    """A free TCP port on 127.0.0.1 in SERVER_PORTS, for a server a test starts."""
+    for _ in range(200):
+        port = random.randint(*SERVER_PORTS)
+        if port in _GIVEN_PORTS:
+            continue
+        _GIVEN_PORTS.add(port)
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:  # taken: try another
+                continue
+            return port
+    raise RuntimeError(f"no free port in {SERVER_PORTS} after 200 tries")
+
 
 HEADER = [
     "id",

@@ -27,6 +27,7 @@ import httpx
 import psutil
 import pytest
 
+from tests.conftest import free_port
 from tests.serving_fixtures import API_KEY, serving_data_copy, tiny_ids
 
 pytestmark = pytest.mark.slow
@@ -45,12 +46,6 @@ class Listener:
 
     def __str__(self) -> str:
         return f"{self.ip}:{self.port} ({self.process})"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def is_loopback(ip: str) -> bool:
@@ -125,7 +120,7 @@ def _ray_logs_dir(pids: set[int]) -> Path | None:
 @contextmanager
 def _serve(data_dir: Path, log: Path, *flags: str) -> Iterator[tuple[subprocess.Popen, str]]:
     """`shopguide serve` in a new session, ready (GET /healthz answered 200); stopped with SIGTERM."""
-    port = _free_port()
+    port = free_port()
     command = [sys.executable, "-m", "serving.cli", "serve", "--data-dir", str(data_dir)]
     command += ["--port", str(port), "--api-key", API_KEY, *flags]
     # RAY_ADDRESS=local: always a cluster of its own, never one someone's `ray start` left running.

@@ -6,7 +6,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -19,7 +18,7 @@ import pytest
 
 from index import EdgeStore
 from serving.cli import main
-from tests.conftest import make_catalog
+from tests.conftest import free_port, make_catalog
 from training.catalog import load_catalog
 from training.features import EmbeddingCache, file_hash, text_hash
 from training.ingest import ALIAS
@@ -32,12 +31,6 @@ RAY = Path(sys.executable).with_name("ray")
 # Token authentication is Ray 2.60's default; this private test cluster and its driver run without it.
 RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
 TINY_CLIP = {"model_name": "shopguide-tiny-vit"}  # 64-px ViT: loads and runs in a blink
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class LocalRayCluster:
@@ -55,16 +48,16 @@ class LocalRayCluster:
         self.worker_resources = worker_resources if worker_resources is not None else {"encoder_node": 1}
         # Short: Ray's socket paths under it must stay below the 107-byte limit of a Unix socket.
         self.temp_dir = tempfile.mkdtemp(prefix="sgray", dir="/tmp")
-        self.port = _free_port()
+        self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
 
     def _start(self, *args: str) -> None:
         # Every port a second node on the same machine would otherwise share (fixed defaults) is free-picked.
         ports = ["--dashboard-agent-listen-port", "--dashboard-agent-grpc-port", "--runtime-env-agent-port"]
         command = [str(RAY), "start", *args, "--node-ip-address", "127.0.0.1", "--temp-dir", self.temp_dir]
-        command += ["--disable-usage-stats", "--metrics-export-port", str(_free_port())]
+        command += ["--disable-usage-stats", "--metrics-export-port", str(free_port())]
         for flag in ports:
-            command += [flag, str(_free_port())]
+            command += [flag, str(free_port())]
         proc = subprocess.run(
             command, env={**os.environ, **RAY_ENV}, capture_output=True, text=True, timeout=180
         )
@@ -81,9 +74,9 @@ class LocalRayCluster:
                 str(self.head_cpus),
                 "--include-dashboard=false",
                 "--dashboard-port",
-                str(_free_port()),
+                str(free_port()),
                 "--ray-client-server-port",
-                str(_free_port()),
+                str(free_port()),
             )
             self._start(
                 "--address",

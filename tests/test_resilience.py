@@ -6,7 +6,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -26,6 +25,7 @@ from serving.deployments import RayBackend
 from serving.recommend import BadRequestError
 from serving.server import DEFAULT_CONFIG
 from tests.bench.common import start_server, stop_server, wait_ready
+from tests.conftest import free_port
 from tests.serving_fixtures import serving_data_copy, tiny_ids
 from tests.soak.soak_serve import INGRESS_TITLE, find_replica
 
@@ -142,12 +142,6 @@ class Served:
     log: Path
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _tight_config(path: Path) -> Path:
     """infra/serve/shopguide.yaml with one Ingress replica (less memory; the gate is in the proxy) and a 1 s
     Recommender health check (Ray notices the kill within 1 s instead of up to 10 s: a shorter test)."""
@@ -165,7 +159,7 @@ def _tight_config(path: Path) -> Path:
 def served(tmp_path_factory: pytest.TempPathFactory):
     data_dir = serving_data_copy(tmp_path_factory, "resilience")
     work = tmp_path_factory.mktemp("resilience-server")
-    base = f"http://127.0.0.1:{_free_port()}"
+    base = f"http://127.0.0.1:{free_port()}"
     log = work / "server.log"
     process = start_server(
         data_dir,

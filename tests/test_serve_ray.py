@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +13,7 @@ import pytest
 
 from serving.deployments import AppArgs, build_app, compose_app
 from serving.server import DEFAULT_CONFIG, deployment_options, ray_environment
+from tests.conftest import free_port
 from tests.serving_fixtures import API_KEY, serving_data_copy, tiny_ids
 
 pytestmark = pytest.mark.slow
@@ -34,12 +34,6 @@ class RayServe:
     data_dir: Path
     catalog: Path
     logs_dir: Path
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _deploy(data_dir: Path, ingress_options: dict | None = None) -> None:
@@ -73,7 +67,7 @@ def ray_serve(tmp_path_factory: pytest.TempPathFactory):
     ray.init(address="local", num_cpus=2, include_dashboard=False, logging_level="WARNING")
     http = None
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         _deploy(data_dir)
         http = httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60)

@@ -10,7 +10,6 @@ from real code paths, with a stand-in HTTP server only where a server's refusal 
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -36,16 +35,11 @@ from serving.server import (
     recommender_options,
     with_explore_policy,
 )
+from tests.conftest import free_port
 from tests.serving_fixtures import ingest_into_memory_qdrant, serving_data_copy, tiny_ids
 
 SECRET = "qdrant-secret-5f2c"  # a Qdrant API key that must never be printed or passed through Ray
 KEY_VAR = "SHOPGUIDE_TEST_QDRANT_KEY"
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 @pytest.fixture
@@ -219,7 +213,7 @@ def test_an_unreachable_qdrant_url_is_one_line(
     capsys: pytest.CaptureFixture, data_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(KEY_VAR, SECRET)
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     serve = ("serve", "--data-dir", str(data_dir), "--qdrant-url", url, "--qdrant-api-key-env", KEY_VAR)
     for argv in (serve + ("--recommender-replicas", "2"), serve + ("--no-ray",)):
         code, out = _run(capsys, *argv)
