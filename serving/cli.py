@@ -62,6 +62,21 @@ def _add_store(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def _add_overrides(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--overrides-db",
+        type=Path,
+        help="live price/stock updates, kept across rebuilds (default: DATA_DIR/product_overrides.db; "
+        "where the server's `overrides_db` is)",
+    )
+
+
+def _overrides(args: argparse.Namespace):
+    from training.overrides import OverrideStore
+
+    return OverrideStore.at(args.data_dir, args.overrides_db)
+
+
 def _write_json(path: Path, data: dict) -> None:
     """Write a command's result as JSON (parent folders created) and say where."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -149,6 +164,7 @@ def cmd_ingest(args: argparse.Namespace) -> int:
             encoder_config=_encoder_config(args.config),
             retrain_heads=args.retrain_heads,
             seed=args.seed,
+            overrides=_overrides(args),
         )
     finally:
         store.close()
@@ -197,6 +213,7 @@ def cmd_reembed(args: argparse.Namespace) -> int:
             ray=ray,
             swap=not args.no_swap,
             rebuild=args.rebuild,
+            overrides=_overrides(args),
         )
     finally:
         store.close()
@@ -511,8 +528,11 @@ def cmd_products_update(args: argparse.Namespace) -> int:
     store = _store(args)  # a running `shopguide serve` owns the embedded index: then use PATCH /products/ID
     try:
         index = store.open(ALIAS)
-        if not index.get([args.product_id]):
+        found = index.get([args.product_id])
+        if not found:
             raise UnknownProductError(f"product {args.product_id!r} is not in the index")
+        # Recorded first, so `shopguide ingest` and `reembed` keep it (training/overrides.py).
+        _overrides(args).record(args.product_id, fields, found[0].payload)
         index.set_payload(args.product_id, fields)
         payload = index.get([args.product_id])[0].payload
     finally:
@@ -717,6 +737,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed for derived prices and stock (default: 0)")
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
     _add_store(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_ingest)
 
     p = sub.add_parser(
@@ -750,6 +771,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--json", type=Path, help="also write the summary as JSON here")
     _add_store(p)
+    _add_overrides(p)
     p.set_defaults(func=cmd_reembed)
 
     p = sub.add_parser("similar", help="products similar to one product")
@@ -938,6 +960,7 @@ def build_parser() -> argparse.ArgumentParser:
     stock.add_argument("--in-stock", dest="in_stock", action="store_true", default=None)
     stock.add_argument("--out-of-stock", dest="in_stock", action="store_false")
     _add_store(m)
+    _add_overrides(m)
     m.set_defaults(func=cmd_products_update)
 
     p = sub.add_parser("events", help="the event store")

@@ -30,6 +30,7 @@ from serving.api import ApiSettings, create_app
 from serving.ray_logs import log_to_serve_file
 from serving.towers import QueryTower
 from training.ingest import MANIFEST
+from training.overrides import OverrideStore
 
 log = logging.getLogger("shopguide.serve")
 
@@ -66,6 +67,8 @@ class AppArgs(BaseModel):
     qdrant_api_key_env: str | None = "QDRANT_API_KEY"
     sequence_model: str | None = None  # default: DATA_DIR/models/sequence when it exists
     events_db: str | None = None  # default: DATA_DIR/events.db
+    # Live price/stock updates (training/overrides.py); ingest and reembed need the same file.
+    overrides_db: str | None = None  # default: DATA_DIR/product_overrides.db
     api_key_env: str = API_KEY_ENV  # writes need this key when the variable is set
     api_key: str | None = None  # set by `shopguide serve` in-process; never put a key in the YAML
 
@@ -85,6 +88,7 @@ def resolve_paths(args: AppArgs) -> dict:
     if sequence is None and (data_dir / "models" / "sequence" / "sequence_model.pt").is_file():
         sequence = data_dir / "models" / "sequence"
     events_db = Path(args.events_db).expanduser().resolve() if args.events_db else data_dir / "events.db"
+    overrides_db = Path(args.overrides_db).expanduser().resolve() if args.overrides_db else None
     key_env = args.qdrant_api_key_env if args.qdrant_url else None
     return {
         "data_dir": str(data_dir),
@@ -95,6 +99,7 @@ def resolve_paths(args: AppArgs) -> dict:
         "qdrant_api_key_set": bool(key_env and os.environ.get(key_env)),
         "sequence_model": str(sequence) if sequence else None,
         "events_db": str(events_db),
+        "overrides_db": str(overrides_db or OverrideStore.at(data_dir).path),
     }
 
 
@@ -128,7 +133,14 @@ def build_recommender(paths: dict, store: IndexStore | None = None) -> Any:
     try:
         events = SQLiteEventStore(paths["events_db"])
         sequence = Path(paths["sequence_model"]) if paths.get("sequence_model") else None
-        return Recommender(data_dir, store, events, sequence, registry=data_dir / "models" / "registry")
+        return Recommender(
+            data_dir,
+            store,
+            events,
+            sequence,
+            registry=data_dir / "models" / "registry",
+            overrides=OverrideStore(Path(paths["overrides_db"])) if paths.get("overrides_db") else None,
+        )
     except BaseException:
         # The embedded index is locked by whoever holds it open: don't keep it after a failed start.
         if events is not None:

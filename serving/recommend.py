@@ -29,6 +29,7 @@ from serving.search import MODES, check_k, load_heads_for
 from training.behavior import is_behavior_space, upsert_behavior_vectors
 from training.events import Event, EventError
 from training.ingest import ALIAS, MANIFEST
+from training.overrides import OverrideStore, apply_overrides
 from training.reembed import collection_manifest
 
 log = logging.getLogger(__name__)
@@ -221,6 +222,7 @@ class Recommender:
         sequence_model: Path | None = None,
         config: RecommenderConfig | None = None,
         registry: Path | None = None,
+        overrides: OverrideStore | None = None,
     ) -> None:
         manifest_path = data_dir / MANIFEST
         if not manifest_path.is_file():
@@ -230,6 +232,11 @@ class Recommender:
         self.data_dir = data_dir
         self.store = store
         self.index = store.open(ALIAS)
+        # Live price/stock updates, kept across rebuilds (default: DATA_DIR/product_overrides.db).
+        self.overrides = overrides or OverrideStore.at(data_dir)
+        # Ones the live collection may lack: after an offline `reembed --swap-back`, or a CLI update
+        # killed between recording and writing.
+        apply_overrides(self.index, self.overrides.values())
         # The live collection's own manifest (written before the alias could point at it), so a crash
         # between a re-embed's alias swap and its ingest.json rewrite cannot mismatch them.
         self.manifest = collection_manifest(data_dir, self.index.name)
@@ -299,8 +306,13 @@ class Recommender:
         index, heads, manifest = self.index, self.heads, self.manifest
         vocabulary, prior = self._vocabulary, self._prior
         target = self.store.get_alias(ALIAS)
+        pending: dict[str, dict] = {}
         if target is not None and target != self.index.name:
             index = self.store.open_collection(target)
+            # Live price/stock updates the new collection lacks (made after a re-embed wrote it, or
+            # since it was last live): written before the swap, so no request sees it without them.
+            pending = self.overrides.values()
+            apply_overrides(index, pending)
             heads = load_heads_for(self.data_dir, index.spaces["image"].encoder)
             manifest = collection_manifest(self.data_dir, target)
             vocabulary, prior = self._read_catalog_values(index)
@@ -353,6 +365,10 @@ class Recommender:
             return {}
         old_index, previous = self.index, self._models
         with self._guard.exclusive():
+            if index is not old_index:
+                # Updates recorded since `pending` was read (none runs while the guard is exclusive).
+                late = self.overrides.values()
+                apply_overrides(index, {pid: f for pid, f in late.items() if pending.get(pid) != f})
             self.index, self.heads, self.manifest = index, heads, manifest
             self._vocabulary, self._prior = vocabulary, prior
             self.catalog_dir = Path(manifest["catalog"]) if manifest.get("catalog") else None
@@ -527,9 +543,11 @@ class Recommender:
             raise BadRequestError(f"price must be a finite number >= 0, got {price!r}")
         if "in_stock" in fields and not isinstance(fields["in_stock"], bool):
             raise BadRequestError(f"in_stock must be true or false, got {fields['in_stock']!r}")
-        self.product(product_id)  # 404 before writing anything
+        current = self.product(product_id)  # 404 before writing anything
         clean = {k: float(v) if k == "price" else v for k, v in fields.items()}
         with self._lock:
+            # Recorded first: ingest and reembed rebuild payloads from the catalog and apply these.
+            self.overrides.record(product_id, clean, current)
             self.index.set_payload(product_id, clean)
         return self.product(product_id)
 

@@ -14,6 +14,7 @@ from tqdm import tqdm
 
 from index import IndexStore, Record, VectorSpace
 from training.catalog import Skipped, load_catalog
+from training.overrides import OverrideStore, apply_overrides
 from training.vectors import EncoderConfig, ProductVectors, Towers, build_product_vectors
 
 ALIAS = "products"  # the name queries use; it points at one concrete versioned collection
@@ -69,9 +70,10 @@ def collection_name(spaces: list[VectorSpace]) -> str:
     return f"{ALIAS}_{hashlib.sha256(key.encode()).hexdigest()[:10]}"
 
 
-def _payload(vectors: ProductVectors, i: int) -> dict:
+def _payload(vectors: ProductVectors, i: int, overrides: dict[str, dict]) -> dict:
     product = vectors.products[i]
     payload = product.payload()
+    payload.update(overrides.get(product.id, {}))  # live price/stock updates (training/overrides.py)
     # Content hashes let a re-run tell changed products from unchanged ones without re-reading vectors.
     payload["image_hash"] = vectors.image_hashes[product.id]
     payload["text_hash"] = hashlib.sha256(product.document().encode()).hexdigest()[:16]
@@ -87,12 +89,14 @@ def run_ingest(
     retrain_heads: bool = False,
     seed: int = 0,
     progress: bool = True,
+    overrides: OverrideStore | None = None,
 ) -> IngestSummary:
     """Embed the catalog and write it to the collection for the current encoders, then point the alias.
 
     Re-runs touch only new or changed products; with no --limit, products gone from the catalog are
     deleted. A killed run resumes: the embedding cache and the (deterministically named) collection
-    keep what was finished, and the alias only moves once the collection is complete."""
+    keep what was finished, and the alias only moves once the collection is complete. Live price/stock
+    updates (`overrides`, default DATA_DIR/product_overrides.db) are kept (training/overrides.py)."""
     start = time.perf_counter()
     data_dir.mkdir(parents=True, exist_ok=True)
     towers = Towers(encoder_config or EncoderConfig())
@@ -101,7 +105,14 @@ def run_ingest(
     spaces = spaces_for(vectors, towers)
     name = collection_name(spaces)
     written, deleted, total = write_collection(
-        store, name, spaces, vectors, delete_missing=limit is None, progress=progress
+        store,
+        name,
+        spaces,
+        vectors,
+        delete_missing=limit is None,
+        progress=progress,
+        overrides=overrides or OverrideStore.at(data_dir),
+        complete=limit is None,
     )
     swapped, _ = point_alias(
         store, data_dir, name, build_manifest(name, towers, spaces, vectors, catalog_dir), "ingest"
@@ -128,21 +139,27 @@ def write_collection(
     vectors: ProductVectors,
     delete_missing: bool,
     progress: bool = True,
+    overrides: OverrideStore | None = None,
+    complete: bool = True,
 ) -> tuple[int, int, int]:
     """Create or reopen collection `name` and make it hold exactly `vectors` (resumable).
 
     Only products whose stored payload differs (new, changed, or never written before a kill) are
     upserted, in batches; with `delete_missing`, points of products not in `vectors` are deleted.
+    The live price/stock updates in `overrides` are written over the catalog's values, except those the
+    catalog has moved past, which are dropped for good (and, if `complete` says `vectors` is the whole
+    catalog, those of products it no longer has).
     Returns (products written, products deleted, points in the collection afterwards)."""
     index = (
         store.open_collection(name)
         if name in store.list_collections()
         else store.create_collection(name, spaces)
     )
+    live = overrides.reconcile({p.id: p.payload() for p in vectors.products}, complete) if overrides else {}
     try:
         index.check_spaces({s.name: s for s in spaces})
         stored = {r.product_id: r.payload for r in index.get([p.id for p in vectors.products])}
-        todo = [i for i, p in enumerate(vectors.products) if stored.get(p.id) != _payload(vectors, i)]
+        todo = [i for i, p in enumerate(vectors.products) if stored.get(p.id) != _payload(vectors, i, live)]
         with tqdm(total=len(todo), desc="index", unit="product", disable=not progress) as bar:
             for begin in range(0, len(todo), UPSERT_BATCH):
                 batch = todo[begin : begin + UPSERT_BATCH]
@@ -151,7 +168,7 @@ def write_collection(
                         Record(
                             vectors.products[i].id,
                             {"image": vectors.image[i], "text": vectors.text[i], "fused": vectors.fused[i]},
-                            _payload(vectors, i),
+                            _payload(vectors, i, live),
                         )
                         for i in batch
                     ]
@@ -163,6 +180,10 @@ def write_collection(
             gone = [pid for pid in index.product_ids() if pid not in keep]
             index.delete(gone)
             deleted = len(gone)
+        if overrides is not None:
+            # A live update made while this ran (a server on a Qdrant server's live collection) may
+            # have been overwritten by a payload computed before it: it is in the file, so write it again.
+            apply_overrides(index, overrides.values())
         if todo or deleted:
             index.optimize()
         return len(todo), deleted, index.count()

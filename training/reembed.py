@@ -38,6 +38,7 @@ from training.ingest import (
     write_collection,
     write_json_atomic,
 )
+from training.overrides import OverrideStore
 from training.vectors import (
     EncoderConfig,
     ProductVectors,
@@ -618,6 +619,7 @@ def run_reembed(
     validation: ValidationConfig | None = None,
     progress: bool = True,
     rebuild: bool = False,
+    overrides: OverrideStore | None = None,
 ) -> ReembedSummary:
     """Build the collection for `encoder_config`, validate it, and (if it passes and `swap`) move the alias.
 
@@ -656,7 +658,17 @@ def run_reembed(
     if rebuild and name in store.list_collections():
         store.drop_collection(name)  # refuses a collection an alias points at
     # delete_missing: the new collection is not live yet, so it holds exactly this catalog (and --limit).
-    written, _, total = write_collection(store, name, spaces, vectors, delete_missing=True, progress=progress)
+    # Live price/stock updates go in too; ones made after this point, the server applies at the swap.
+    written, _, total = write_collection(
+        store,
+        name,
+        spaces,
+        vectors,
+        delete_missing=True,
+        progress=progress,
+        overrides=overrides or OverrideStore.at(data_dir),
+        complete=limit is None,
+    )
     new_manifest = build_manifest(name, towers, spaces, vectors, catalog_dir)
     write_json_atomic(manifest_path(data_dir, name), new_manifest)
     index = store.open_collection(name)
