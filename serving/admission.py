@@ -16,6 +16,18 @@ from starlette.responses import JSONResponse
 log = logging.getLogger("shopguide.admission")
 
 ADMISSION_ENV = "SHOPGUIDE_ADMISSION"  # JSON of AdmissionConfig fields, e.g. {"admit": 64}
+# Requests the gate may send twice when their ingress replica died with them: reads, and the writes the
+# API makes idempotent (serving/api.py): events by event_id, PATCH sets absolute values, a shopper
+# deleted twice is deleted. (method, path or path prefix ending in "/").
+REPLAYABLE_WRITES = (
+    ("POST", "/events"),
+    ("POST", "/search/image"),
+    ("PATCH", "/products/"),
+    ("DELETE", "/users/"),
+)
+# The most request body kept for a second attempt: an events batch at its limit (MAX_EVENTS_BODY_BYTES
+# in serving/api.py). A bigger one (a large photo) is not replayed.
+REPLAY_BODY_BYTES = 2 << 20
 # Ray Serve calls this function in its HTTP proxy for the proxy's ASGI middlewares.
 PROXY_CALLBACK = "serving.admission:proxy_middlewares"
 
@@ -92,7 +104,7 @@ class AdmissionGate:
         self.app = app
         self.config = config or AdmissionConfig()
         self.clock = clock
-        self.active = 0  # admitted requests not finished yet
+        self.active = 0  # admitted requests not answered yet (their response not all sent)
         self.refused = 0
         self.replayed = 0  # requests asked again after their ingress replica died with them
         self._answered_at = clock()  # the last answer, or when requests went out after none were
@@ -148,22 +160,27 @@ class AdmissionGate:
             return
 
         answered = False
+        counted = True  # in `active` until its response is out (Ray's proxy returns up to ~0.1 s later)
 
         async def send_observed(message: dict) -> None:
-            nonlocal answered
+            nonlocal answered, counted
             if message["type"] == "http.response.start":
                 answered = True
                 self._answered_at = self.clock()
             await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body") and counted:
+                # Answered: its client may send the next request now, and that one must find room.
+                counted = False
+                self.active -= 1
 
         if self.active == 0:
             self._answered_at = self.clock()  # nothing was out: the silence starts now
         self.active += 1
         try:
             # Ray's proxy returns without a response when the ingress replica died with the request in
-            # it (the server then answers a bare 500). A GET or HEAD changes nothing, so it is asked
-            # once more, and Ray routes it to a live replica; a request with a body is not replayed.
-            replay = _Replay(receive) if scope.get("method") in ("GET", "HEAD") else None
+            # it (the server then answers a bare 500). A request that is safe to send twice (a read,
+            # an idempotent write) is asked once more, and Ray routes it to a live replica.
+            replay = _Replay(receive) if replayable(scope) else None
             await self.app(scope, replay or receive, send_observed)
             if not answered and replay is not None and replay.can_replay():
                 self.replayed += 1
@@ -172,7 +189,8 @@ class AdmissionGate:
                 )
                 await self.app(scope, replay, send_observed)
         finally:
-            self.active -= 1
+            if counted:
+                self.active -= 1
 
     async def _beat(self) -> None:
         while True:
@@ -191,34 +209,46 @@ class AdmissionGate:
         await refusal(scope, receive, send)
 
 
+def replayable(scope: dict) -> bool:
+    """Whether a request may be sent twice (see REPLAYABLE_WRITES)."""
+    method, path = scope.get("method"), scope.get("path", "")
+    if method in ("GET", "HEAD"):
+        return True
+    return any(
+        method == m and (path.startswith(p) if p.endswith("/") else path == p) for m, p in REPLAYABLE_WRITES
+    )
+
+
 class _Replay:
-    """The ASGI receive of a bodiless request, able to hand its request message out once more."""
+    """The ASGI receive of a request, able to hand the request messages it read out once more."""
 
     def __init__(self, receive: Any) -> None:
         self.receive = receive
-        self.request: dict | None = None  # the http.request message the first attempt read
-        self.pending: dict | None = None
+        self.read: list[dict] = []  # the http.request messages the first attempt read, in order
+        self.size = 0
+        self.pending: list[dict] = []
         self.disconnected = False
 
     async def __call__(self) -> dict:
-        if self.pending is not None:
-            message, self.pending = self.pending, None
-            return message
+        if self.pending:
+            return self.pending.pop(0)
         message = await self.receive()
         if message["type"] == "http.request":
-            self.request = message
+            self.size += len(message.get("body", b""))
+            # Past the limit it will not be replayed: keep nothing (a 50 MB upload is not held twice).
+            self.read = [*self.read, message] if self.size <= REPLAY_BODY_BYTES else []
         elif message["type"] == "http.disconnect":
             self.disconnected = True
         return message
 
     def can_replay(self) -> bool:
-        """Whether another attempt makes sense (the client is still there, the body was empty), and if
-        so, rewind: the next read returns the request message again."""
-        if self.disconnected or (
-            self.request is not None and (self.request.get("body") or self.request.get("more_body"))
-        ):
+        """Whether another attempt makes sense (the client is still there, the body was small), and if
+        so, rewind: the next reads return the request messages again, then the rest of the body, if
+        the first attempt had not read it all."""
+        if self.disconnected or self.size > REPLAY_BODY_BYTES:
             return False
-        self.pending = self.request
+        self.pending = self.read
+        self.read = []  # the second attempt reads them again
         return True
 
 

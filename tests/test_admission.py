@@ -9,6 +9,7 @@ import pytest
 
 from serving.admission import (
     PROXY_CALLBACK,
+    REPLAY_BODY_BYTES,
     AdmissionConfig,
     AdmissionGate,
     check_ingress_room,
@@ -71,6 +72,34 @@ def test_beyond_admit_a_request_is_refused_at_once_with_retry_after() -> None:
         assert [(await task)[0] for task in first] == [200, 200]
         assert gate.active == 0
         assert (await _request(gate))[0] == 200  # room again
+
+    asyncio.run(scenario())
+
+
+class Lingers:
+    """Ray's proxy: it sends the whole response, then goes on with its own bookkeeping a while."""
+
+    def __init__(self) -> None:
+        self.done = asyncio.Event()
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}", "more_body": False})
+        await self.done.wait()
+
+
+def test_a_request_stops_counting_once_its_response_is_out() -> None:
+    async def scenario() -> None:
+        app = Lingers()
+        gate = AdmissionGate(app, AdmissionConfig(admit=1, admit_during_outage=1), Clock())
+        first = asyncio.create_task(_request(gate))
+        await asyncio.sleep(0)
+        assert not first.done() and gate.active == 0  # answered; the proxy is still at work
+        second = asyncio.create_task(_request(gate))  # its client's next request finds room
+        await asyncio.sleep(0)
+        app.done.set()
+        assert [(await first)[0], (await second)[0]] == [200, 200] and gate.refused == 0
+        assert gate.active == 0
 
     asyncio.run(scenario())
 
@@ -175,32 +204,38 @@ class DiesWithRequests:
 
     async def __call__(self, scope: dict, receive, send) -> None:
         self.calls += 1
-        self.read.append(await receive())
+        body = b""
+        while True:  # the whole body, as Ray's proxy hands it to the replica
+            message = await receive()
+            self.read.append(message)
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
         if self.calls <= self.dies:
             return
         await send({"type": "http.response.start", "status": 200, "headers": []})
-        await send({"type": "http.response.body", "body": self.read[-1].get("body", b"")})
+        await send({"type": "http.response.body", "body": body})
 
 
-async def _once(gate: AdmissionGate, method: str, first: dict) -> list[dict]:
-    """One request through the gate: the client's first message is `first`, then it waits (connected)."""
+async def _once(
+    gate: AdmissionGate, method: str, first: dict | list[dict], path: str = "/products/1/similar"
+) -> list[dict]:
+    """One request through the gate: the client sends `first` (one message or several), then it waits
+    (connected)."""
     messages: list[dict] = []
     waiting = asyncio.Event()
-    sent = []
+    unsent = list(first) if isinstance(first, list) else [first]
 
     async def receive() -> dict:
-        if not sent:
-            sent.append(first)
-            return first
+        if unsent:
+            return unsent.pop(0)
         await waiting.wait()  # a connected client: no disconnect while the server works
         return {"type": "http.disconnect"}
 
     async def send(message: dict) -> None:
         messages.append(message)
 
-    await gate(
-        {"type": "http", "method": method, "path": "/products/1/similar", "headers": []}, receive, send
-    )
+    await gate({"type": "http", "method": method, "path": path, "headers": []}, receive, send)
     return messages
 
 
@@ -220,13 +255,37 @@ def test_a_get_whose_ingress_replica_died_with_it_is_asked_again_once() -> None:
     assert asyncio.run(_once(gate, "GET", REQUEST)) == [] and app.calls == 2 and gate.replayed == 1
 
 
-def test_a_request_with_a_body_or_a_gone_client_is_not_asked_again() -> None:
-    post = {"type": "http.request", "body": b'{"events": []}', "more_body": False}
-    for method, first in (("POST", post), ("GET", post), ("GET", {"type": "http.disconnect"})):
+def test_an_idempotent_write_is_asked_again_with_its_whole_body() -> None:
+    chunks = [
+        {"type": "http.request", "body": b'{"events": [{"event_id": "e1", ', "more_body": True},
+        {
+            "type": "http.request",
+            "body": b'"user_id": "u1", "type": "view", "product_id": "101"}]}',
+            "more_body": False,
+        },
+    ]
+    for method, path in (("POST", "/events"), ("PATCH", "/products/101"), ("DELETE", "/users/u1")):
         app = DiesWithRequests(dies=1)
         gate = AdmissionGate(app, AdmissionConfig())
-        assert asyncio.run(_once(gate, method, first)) == []
-        assert app.calls == 1 and gate.replayed == 0, (method, first)
+        messages = asyncio.run(_once(gate, method, chunks, path))
+        assert messages[0]["status"] == 200 and app.calls == 2 and gate.replayed == 1, path
+        assert messages[1]["body"] == chunks[0]["body"] + chunks[1]["body"]  # the same bytes, in order
+        assert app.read == chunks + chunks
+
+
+def test_other_writes_big_bodies_and_gone_clients_are_not_asked_again() -> None:
+    post = {"type": "http.request", "body": b'{"events": []}', "more_body": False}
+    photo = {"type": "http.request", "body": b"\xff" * (REPLAY_BODY_BYTES + 1), "more_body": False}
+    for method, path, first in (
+        ("POST", "/products/101", post),  # not an idempotent write of this API
+        ("POST", "/events/x", post),
+        ("POST", "/search/image", photo),  # too big to keep
+        ("GET", "/products/1/similar", {"type": "http.disconnect"}),
+    ):
+        app = DiesWithRequests(dies=1)
+        gate = AdmissionGate(app, AdmissionConfig())
+        assert asyncio.run(_once(gate, method, first, path)) == []
+        assert app.calls == 1 and gate.replayed == 0, (method, path)
 
 
 def test_config_is_checked() -> None:

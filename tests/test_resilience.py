@@ -39,6 +39,7 @@ RECOMMENDER_TITLE = (
 ADMISSION = {"admit": 8, "admit_during_outage": 64, "outage_hold_s": 30}
 INGRESS_SLOTS = {"num_replicas": 1, "max_ongoing_requests": 64, "max_queued_requests": 64}
 CLIENTS = 4  # the killed-replica client never has more requests out than the ingress takes
+EVENTS_PER_POST = 300
 OUTAGE_BURST = 24  # sent while the Recommender is down: 3x what the gate admits in normal times
 
 
@@ -303,18 +304,20 @@ def test_a_burst_beyond_the_queue_is_shed_with_retry_after_then_served(served: S
 
 
 @pytest.mark.slow
-def test_gets_inside_a_killed_ingress_replica_are_asked_again(served: Served) -> None:
-    """kill -9 the (only) Ingress replica under steady clients: the GETs that were inside it died with
-    it, and Ray's proxy has no answer for them; the admission gate asks again, and Ray hands them to
-    the successor. None is a 500 (Ray's proxy answered every one of them 500 before the gate did)."""
+def test_requests_inside_a_killed_ingress_replica_are_asked_again(served: Served) -> None:
+    """kill -9 the (only) Ingress replica under steady clients: the requests that were inside it died
+    with it, and Ray's proxy has no answer for them; the admission gate asks again (reads, and event
+    posts, idempotent by event_id), and Ray hands them to the successor. None is a 500 (Ray's proxy
+    answered every one of them 500 before the gate did), and every acknowledged event is stored once."""
     ids = tiny_ids()
     victim = _replica(served.process.pid, INGRESS_TITLE)
+    acked: dict[str, list[str]] = {}  # shopper -> event ids answered 200
 
-    async def scenario() -> tuple[list[tuple[float, float, int]], float]:
-        outcomes: list[tuple[float, float, int]] = []  # (sent, done, status)
+    async def scenario() -> tuple[list[tuple[str, float, float, int]], float]:
+        outcomes: list[tuple[str, float, float, int]] = []  # (method, sent, done, status)
         stop = asyncio.Event()
 
-        async def client(session: aiohttp.ClientSession, i: int) -> None:
+        async def reader(session: aiohttp.ClientSession, i: int) -> None:
             n = 0
             while not stop.is_set():
                 n += 1
@@ -326,16 +329,39 @@ def test_gets_inside_a_killed_ingress_replica_are_asked_again(served: Served) ->
                     status, _ = await _get(session, served.base + path)
                 except (aiohttp.ClientError, TimeoutError):
                     status = 0
-                outcomes.append((sent, time.monotonic(), status))
+                outcomes.append(("GET", sent, time.monotonic(), status))
+
+        async def poster(session: aiohttp.ClientSession, i: int) -> None:
+            # Batches big enough that a poster spends most of its time inside the Ingress (waiting on
+            # the Recommender's write), so the kill finds one there.
+            n = 0
+            while not stop.is_set():
+                n += 1
+                user = f"replayed-{i}-{n}"  # a shopper per batch: few enough events to read back at once
+                events = [
+                    {"event_id": f"{user}-{j}", "user_id": user, "type": "view", "product_id": ids[j % 72]}
+                    for j in range(EVENTS_PER_POST)
+                ]
+                sent = time.monotonic()
+                try:
+                    async with session.post(served.base + "/events", json={"events": events}) as response:
+                        await response.read()
+                        status = response.status
+                except (aiohttp.ClientError, TimeoutError):
+                    status = 0
+                if status == 200:
+                    acked[user] = [e["event_id"] for e in events]
+                outcomes.append(("POST", sent, time.monotonic(), status))
 
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60)) as session:
-            clients = [asyncio.create_task(client(session, i)) for i in range(CLIENTS)]
+            clients = [asyncio.create_task(reader(session, i)) for i in range(CLIENTS)]
+            clients += [asyncio.create_task(poster(session, i)) for i in range(2)]
             await asyncio.sleep(2)
             killed_at = time.monotonic()
             os.kill(victim.pid, signal.SIGKILL)
             deadline = killed_at + 60
             while time.monotonic() < deadline and not any(
-                sent >= killed_at and status == 200 for sent, _, status in outcomes
+                sent >= killed_at and status == 200 for _, sent, _, status in outcomes
             ):
                 await asyncio.sleep(0.2)
             await asyncio.sleep(1)
@@ -344,13 +370,25 @@ def test_gets_inside_a_killed_ingress_replica_are_asked_again(served: Served) ->
         return outcomes, killed_at
 
     outcomes, killed_at = asyncio.run(scenario())
-    in_flight = Counter(status for sent, done, status in outcomes if sent < killed_at < done)
-    statuses = Counter(status for _, _, status in outcomes)
-    assert in_flight, "no request was out when the replica was killed: the test proved nothing"
+    in_flight = Counter(
+        (method, status) for method, sent, done, status in outcomes if sent < killed_at < done
+    )
+    statuses = Counter((method, status) for method, _, _, status in outcomes)
+    assert {m for m, _ in in_flight} == {"GET", "POST"}, f"requests out at the kill: {dict(in_flight)}"
     assert _replica(served.process.pid, INGRESS_TITLE).pid != victim.pid
-    assert in_flight == {200: sum(in_flight.values())}, f"requests out at the kill: {dict(in_flight)}"
-    assert set(statuses) == {200}, dict(statuses)
-    print(f"requests out at the kill {dict(in_flight)}; all statuses {dict(statuses)}")
+    assert {s for _, s in in_flight} == {200}, f"requests out at the kill: {dict(in_flight)}"
+    assert {s for _, s in statuses} == {200}, dict(statuses)
+
+    async def stored() -> dict[str, list[str]]:
+        async with aiohttp.ClientSession() as session:
+            out = {}
+            for user in acked:
+                async with session.get(f"{served.base}/users/{user}/events?limit=1000") as response:
+                    out[user] = sorted(e["event_id"] for e in (await response.json())["events"])
+            return out
+
+    assert asyncio.run(stored()) == {u: sorted(e) for u, e in acked.items()}  # every acknowledged one, once
+    print(f"requests out at the kill {dict(in_flight)}; all {dict(statuses)}")
 
 
 def test_replicas_start_without_importing_the_encoder_libraries() -> None:
