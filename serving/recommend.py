@@ -29,7 +29,7 @@ from serving.search import MODES, check_k, load_heads_for
 from training.behavior import is_behavior_space, upsert_behavior_vectors
 from training.events import Event, EventError
 from training.ingest import ALIAS, MANIFEST
-from training.overrides import OverrideStore, apply_overrides
+from training.overrides import OverrideStore, OverrideStoreError, apply_overrides
 from training.reembed import collection_manifest
 
 log = logging.getLogger(__name__)
@@ -547,7 +547,14 @@ class Recommender:
         clean = {k: float(v) if k == "price" else v for k, v in fields.items()}
         with self._lock:
             # Recorded first: ingest and reembed rebuild payloads from the catalog and apply these.
-            self.overrides.record(product_id, clean, current)
+            try:
+                self.overrides.record(product_id, clean, current)
+            except OverrideStoreError as exc:
+                log.error("price/stock update of %s refused: %s", product_id, exc)
+                raise UnavailableError(
+                    "cannot record the update (the price/stock override store is unusable; see the "
+                    "server log); nothing was changed"
+                ) from None
             self.index.set_payload(product_id, clean)
         return self.product(product_id)
 

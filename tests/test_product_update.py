@@ -15,7 +15,7 @@ from serving.api import ApiSettings, LocalBackend, create_app
 from serving.deployments import AppArgs, build_recommender, resolve_paths
 from tests.serving_fixtures import API_KEY, serving_data_copy
 from training.ingest import ALIAS, run_ingest
-from training.overrides import OverrideStore
+from training.overrides import OverrideStore, OverrideStoreError
 
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -225,5 +225,21 @@ def test_override_store_keeps_the_first_catalog_value_and_refuses_a_corrupt_file
     with pytest.raises(ValueError, match="only price, in_stock"):
         store.record("1", {"title": "x"}, {})
     store.path.write_bytes(b"not a database, " * 256)
-    with pytest.raises(ValueError, match="cannot use the live price/stock overrides"):
+    with pytest.raises(OverrideStoreError, match="cannot use the live price/stock overrides"):
         store.values()
+
+
+def test_an_update_that_cannot_be_recorded_changes_nothing(client: TestClient) -> None:
+    """A broken override store: the update is refused (503), and the index keeps the old values, so
+    nothing is live that a rebuild would silently revert."""
+    recommender = client.app.state.backend.recommender
+    before = client.get("/products/106").json()
+    saved = recommender.overrides.path
+    recommender.overrides.path = saved.parent / "broken-overrides.db"
+    recommender.overrides.path.write_bytes(b"not a database, " * 256)
+    try:
+        response = client.patch("/products/106", json={"price": 1.0}, headers=AUTH)
+    finally:
+        recommender.overrides.path = saved
+    assert response.status_code == 503 and "nothing was changed" in response.json()["detail"]
+    assert client.get("/products/106").json() == before

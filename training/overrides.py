@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS overrides (
 """
 
 
+class OverrideStoreError(ValueError):
+    """The overrides file cannot be read or written (corrupt, unwritable, a full disk)."""
+
+
 class OverrideStore:
     """The live price/stock overrides of one data dir. Each call opens its own connection, so one
     store serves a threaded server; every read-modify-write is one transaction."""
@@ -78,9 +82,9 @@ class OverrideStore:
         finally:
             db.close()
 
-    def _unreadable(self, exc: Exception) -> ValueError:
+    def _unreadable(self, exc: Exception) -> OverrideStoreError:
         # Never guess: treating it as empty would silently undo every live price and stock change.
-        return ValueError(
+        return OverrideStoreError(
             f"cannot use the live price/stock overrides in {self.path}: {exc}. Restore the file from a "
             "backup (deleting it reverts every live update to the catalog's values at the next rebuild)"
         )
@@ -178,4 +182,4 @@ def apply_overrides(index, overrides: dict[str, dict]) -> int:
     return changed
 
 
-__all__ = ["FIELDS", "OVERRIDES_DB", "OverrideStore", "apply_overrides"]
+__all__ = ["FIELDS", "OVERRIDES_DB", "OverrideStore", "OverrideStoreError", "apply_overrides"]
