@@ -235,8 +235,9 @@ class _Replay:
         message = await self.receive()
         if message["type"] == "http.request":
             self.size += len(message.get("body", b""))
-            # Past the limit it will not be replayed: keep nothing (a 50 MB upload is not held twice).
-            self.read = [*self.read, message] if self.size <= REPLAY_BODY_BYTES else []
+            self.read.append(message)
+            if self.size > REPLAY_BODY_BYTES:
+                self.read.clear()  # it will not be replayed: keep nothing (a 50 MB upload is not held twice)
         elif message["type"] == "http.disconnect":
             self.disconnected = True
         return message

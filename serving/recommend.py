@@ -300,23 +300,34 @@ class Recommender:
             return changes
 
     def _refresh(self, check_coverage: bool = False) -> dict:
+        target = self.store.get_alias(ALIAS)
+        if target is None or target == self.index.name:
+            return self._refresh_on(self.index, check_coverage)
+        index = self.store.open_collection(target)
+        try:
+            return self._refresh_on(index, check_coverage)
+        except BaseException:
+            if index is not self.index:  # not swapped in: each poll would open another copy of it
+                index.close()
+            raise
+
+    def _refresh_on(self, index, check_coverage: bool) -> dict:
+        """Serve `index` (the alias' target, opened; or the served collection) with the registry's models."""
         from encoders.sequence import SequenceEncoder
 
         changes: dict = {}
-        index, heads, manifest = self.index, self.heads, self.manifest
+        heads, manifest = self.heads, self.manifest
         vocabulary, prior = self._vocabulary, self._prior
-        target = self.store.get_alias(ALIAS)
         pending: dict[str, dict] = {}
-        if target is not None and target != self.index.name:
-            index = self.store.open_collection(target)
+        if index is not self.index:
             # Live price/stock updates the new collection lacks (made after a re-embed wrote it, or
             # since it was last live): written before the swap, so no request sees it without them.
             pending = self.overrides.values()
             apply_overrides(index, pending)
             heads = load_heads_for(self.data_dir, index.spaces["image"].encoder)
-            manifest = collection_manifest(self.data_dir, target)
+            manifest = collection_manifest(self.data_dir, index.name)
             vocabulary, prior = self._read_catalog_values(index)
-            changes["collection"] = {"from": self.index.name, "to": target}
+            changes["collection"] = {"from": self.index.name, "to": index.name}
         live, wanted = wanted_models(self._registry_root, self._sequence_folder, self.config.ab_versions)
         coverage_due = check_coverage or time.monotonic() - self._coverage_checked >= COVERAGE_CHECK_S
         if not changes and live == self._live_model and set(wanted) == set(self._models) and not coverage_due:

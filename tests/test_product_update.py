@@ -187,6 +187,14 @@ def test_live_updates_survive_a_reembed_and_reach_the_new_collection_at_the_swap
     # back to the catalog's value. The server writes both into the new collection before the swap.
     recommender.update_product("102", {"price": 3.0})
     recommender.update_product("101", {"price": catalog_price})
+    # An unusable override store stops the switch (the new collection would lack the updates) and
+    # keeps the old collection serving; once it is back, the next poll switches.
+    saved = recommender.overrides.path
+    recommender.overrides.path = saved.parent / "broken-overrides.db"
+    recommender.overrides.path.write_bytes(b"not a database, " * 256)
+    assert recommender.refresh() == {} and "price/stock overrides" in recommender.refresh_error
+    assert recommender.index.name == old and recommender.product("102")["price"] == 3.0
+    recommender.overrides.path = saved
     # And one while the server prepares the switch (after it wrote the updates above into the new
     # collection, before the swap): it lands on the old collection, and the swap must bring it along.
     prepare = recommender._read_catalog_values

@@ -155,9 +155,12 @@ def write_collection(
         if name in store.list_collections()
         else store.create_collection(name, spaces)
     )
-    live = overrides.reconcile({p.id: p.payload() for p in vectors.products}, complete) if overrides else {}
     try:
         index.check_spaces({s.name: s for s in spaces})
+        # After the index opened: an ingest refused (a server holds it) drops no override.
+        live = (
+            overrides.reconcile({p.id: p.payload() for p in vectors.products}, complete) if overrides else {}
+        )
         stored = {r.product_id: r.payload for r in index.get([p.id for p in vectors.products])}
         todo = [i for i, p in enumerate(vectors.products) if stored.get(p.id) != _payload(vectors, i, live)]
         with tqdm(total=len(todo), desc="index", unit="product", disable=not progress) as bar:
