@@ -65,7 +65,10 @@ def _announce(
         print("writes are open: no API key (--no-api-key)", flush=True)
     else:
         origin = "generated for this run" if generated else "as configured"
-        print(f"API key for POST /events and DELETE /users ({origin}): {api_key}", flush=True)
+        print(
+            f"API key for writes: POST /events, PATCH /products, DELETE /users ({origin}): {api_key}",
+            flush=True,
+        )
     print(f"try: curl '{url}/search?q=red+women%27s+handbag+under+2000&k=5'", flush=True)
     print("stop with Ctrl-C", flush=True)
 
