@@ -29,7 +29,7 @@ pytestmark = pytest.mark.slow
 
 RAY = Path(sys.executable).with_name("ray")
 # Token authentication is Ray 2.60's default; this private test cluster and its driver run without it.
-RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "disabled"}
+RAY_ENV = {"RAY_USAGE_STATS_ENABLED": "0"}
 TINY_CLIP = {"model_name": "shopguide-tiny-vit"}  # 64-px ViT: loads and runs in a blink
 
 
@@ -140,13 +140,27 @@ class LocalRayCluster:
         self.stop()
 
 
+def driver_auth_mode() -> str:
+    """Ray's token-auth mode in this process ("token" or "disabled"): the test cluster must run in it.
+
+    A local `ray.init` (tests/test_serve_ray.py, earlier in the same process) turns token auth on, and
+    Ray keeps that for the life of the process, whatever RAY_AUTH_MODE says later: this driver then
+    rejects every call without a token, so actors of a cluster with auth disabled cannot report back
+    ("Missing authorization header", and Ray Data's actors die before they run). Both sides then use
+    the token in ~/.ray/auth_token, the one that ray.init wrote."""
+    from ray._raylet import AuthenticationMode, get_authentication_mode
+
+    return "token" if get_authentication_mode() == AuthenticationMode.TOKEN else "disabled"
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     """The two-node cluster, with this process connected to it as the driver."""
     import ray
 
-    saved = {key: os.environ.get(key) for key in RAY_ENV}
-    os.environ.update(RAY_ENV)
+    env = {**RAY_ENV, "RAY_AUTH_MODE": driver_auth_mode()}
+    saved = {key: os.environ.get(key) for key in env}
+    os.environ.update(env)  # for `ray start` (LocalRayCluster passes this environment on) and ray.init
     cluster = LocalRayCluster().start()
     try:
         ray.init(address=cluster.address, logging_level="WARNING")

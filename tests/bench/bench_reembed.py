@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from index import EdgeStore  # noqa: E402
 from tests.bench.common import write_result  # noqa: E402
-from tests.test_reembed_ray import RAY_ENV, LocalRayCluster  # noqa: E402
+from tests.test_reembed_ray import RAY_ENV, LocalRayCluster, driver_auth_mode  # noqa: E402
 from training.catalog import DEFAULT_CATALOG  # noqa: E402
 from training.ingest import run_ingest  # noqa: E402
 from training.reembed import RayConfig, run_reembed  # noqa: E402
@@ -83,7 +83,7 @@ def main() -> None:
     local = reembed(args.catalog, args.data_dir / "local", args.limit, None)
     print(local)
     print("== Ray Data reembed on a local 2-node cluster (cold cache)")
-    os.environ.update(RAY_ENV)
+    os.environ.update({**RAY_ENV, "RAY_AUTH_MODE": driver_auth_mode()})
     start = time.perf_counter()
     with LocalRayCluster(head_cpus=1, worker_cpus=1) as cluster:
         cluster_start_s = round(time.perf_counter() - start, 1)
