@@ -512,6 +512,21 @@ def cmd_models_rollback(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_products_overrides(args: argparse.Namespace) -> int:
+    store = _overrides(args)
+    recorded = store.read()  # only the SQLite file: safe beside a running server
+    if not recorded:
+        print(f"no live price/stock updates recorded in {store.path}")
+        return 0
+    for product_id, by_field in recorded.items():
+        for name, override in by_field.items():
+            print(
+                f"{product_id}  {name:<8} {override['value']!r:<8} "
+                f"(catalog: {override['catalog']!r}; set {override['at']})"
+            )
+    return 0
+
+
 def cmd_products_update(args: argparse.Namespace) -> int:
     from index import UnknownProductError
     from training.ingest import ALIAS
@@ -962,6 +977,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_store(m)
     _add_overrides(m)
     m.set_defaults(func=cmd_products_update)
+    m = products_sub.add_parser(
+        "overrides",
+        help="the live price / stock updates that ingest and reembed keep, with the catalog's values",
+    )
+    m.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR, help="default: %(default)s")
+    _add_overrides(m)
+    m.set_defaults(func=cmd_products_overrides)
 
     p = sub.add_parser("events", help="the event store")
     ev_sub = p.add_subparsers(dest="what", required=True)

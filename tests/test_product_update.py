@@ -81,6 +81,7 @@ def test_cli_update_when_no_server_runs(tmp_path_factory: pytest.TempPathFactory
     from serving.cli import main
 
     data_dir = str(serving_data_copy(tmp_path_factory, "patch-cli"))
+    capsys.readouterr()  # what building the serving data printed (when this test runs first)
     assert (
         main(["products", "update", "103", "--price", "9.99", "--out-of-stock", "--data-dir", data_dir]) == 0
     )
@@ -97,6 +98,15 @@ def test_cli_update_when_no_server_runs(tmp_path_factory: pytest.TempPathFactory
     assert main(["products", "update", "104", "--price", "5", *args]) == 0
     assert OverrideStore(elsewhere).values() == {"104": {"price": 5.0}}
     assert set(OverrideStore.at(Path(data_dir)).values()) == {"103"}
+    capsys.readouterr()
+    assert main(["products", "overrides", "--data-dir", data_dir]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    assert [line.split()[:3] for line in listed] == [["103", "in_stock", "False"], ["103", "price", "9.99"]]
+    assert "(catalog: True;" in listed[0]
+    assert main(["products", "overrides", "--data-dir", data_dir, "--overrides-db", str(elsewhere)]) == 0
+    assert capsys.readouterr().out.startswith("104  price")
+    assert main(["products", "overrides", "--data-dir", str(Path(data_dir).parent / "empty")]) == 0
+    assert "no live price/stock updates recorded" in capsys.readouterr().out
 
 
 # ---- live updates survive rebuilds (training/overrides.py) --------------------------------------------
