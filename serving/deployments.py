@@ -30,7 +30,7 @@ from serving.api import ApiSettings, create_app
 from serving.ray_logs import log_to_serve_file
 from serving.towers import QueryTower
 from training.ingest import MANIFEST
-from training.overrides import OverrideStore
+from training.overrides import OVERRIDES_DB, OverrideStore
 
 log = logging.getLogger("shopguide.serve")
 
@@ -88,7 +88,9 @@ def resolve_paths(args: AppArgs) -> dict:
     if sequence is None and (data_dir / "models" / "sequence" / "sequence_model.pt").is_file():
         sequence = data_dir / "models" / "sequence"
     events_db = Path(args.events_db).expanduser().resolve() if args.events_db else data_dir / "events.db"
-    overrides_db = Path(args.overrides_db).expanduser().resolve() if args.overrides_db else None
+    overrides_db = (
+        Path(args.overrides_db).expanduser().resolve() if args.overrides_db else data_dir / OVERRIDES_DB
+    )
     key_env = args.qdrant_api_key_env if args.qdrant_url else None
     return {
         "data_dir": str(data_dir),
@@ -99,7 +101,7 @@ def resolve_paths(args: AppArgs) -> dict:
         "qdrant_api_key_set": bool(key_env and os.environ.get(key_env)),
         "sequence_model": str(sequence) if sequence else None,
         "events_db": str(events_db),
-        "overrides_db": str(overrides_db or OverrideStore.at(data_dir).path),
+        "overrides_db": str(overrides_db),
     }
 
 

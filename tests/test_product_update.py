@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import shutil
+import time
 from dataclasses import replace
 from pathlib import Path
 
@@ -240,6 +241,9 @@ def test_override_store_keeps_the_first_catalog_value_and_refuses_a_corrupt_file
     assert store.reconcile({"1": {"price": 5.0}}, complete=False) == {"1": {"price": 3.0}}
     assert store.reconcile({"1": {"price": 5.0}}, complete=True) == {"1": {"price": 3.0}}
     assert store.values() == {"1": {"price": 3.0}}
+    with store._transaction():  # a writer (an ingest's reconcile) holds the lock: readers do not wait
+        started = time.monotonic()
+        assert store.values() == {"1": {"price": 3.0}} and time.monotonic() - started < 5
     with pytest.raises(ValueError, match="only price, in_stock"):
         store.record("1", {"title": "x"}, {})
     store.path.write_bytes(b"not a database, " * 256)

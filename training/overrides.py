@@ -59,8 +59,10 @@ class OverrideStore:
         return cls(path if path is not None else data_dir / OVERRIDES_DB)
 
     @contextmanager
-    def _transaction(self) -> Iterator[sqlite3.Connection]:
-        """A write transaction (BEGIN IMMEDIATE: other writers wait, up to 30 s); committed on success."""
+    def _transaction(self, write: bool = True) -> Iterator[sqlite3.Connection]:
+        """A transaction, committed on success. A write one (BEGIN IMMEDIATE) waits for other writers, up
+        to 30 s; a read one waits for nobody (WAL): a server switching collections reads while it holds
+        every request back, and must not wait there for an ingest's write."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
@@ -70,7 +72,7 @@ class OverrideStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=FULL")  # a 2xx for an update means it survives a power cut
             db.execute(SCHEMA)
-            db.execute("BEGIN IMMEDIATE")
+            db.execute("BEGIN IMMEDIATE" if write else "BEGIN")
             try:
                 yield db
             except BaseException:
@@ -93,7 +95,7 @@ class OverrideStore:
         """Everything recorded: {product_id: {field: {"value", "catalog", "at"}}} ({} if nothing)."""
         if not self.path.is_file():
             return {}
-        with self._transaction() as db:
+        with self._transaction(write=False) as db:
             return self._all(db)
 
     @staticmethod
